@@ -1,0 +1,1 @@
+"""Converters: Hugging Face / GGUF checkpoints in, PEFT adapters and fused models out."""

@@ -1,0 +1,1 @@
+"""YAML training recipes shipped with tidpo-mlx (``quickstart.yaml`` is the default)."""

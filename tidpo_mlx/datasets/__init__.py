@@ -1,0 +1,1 @@
+"""Bundled preference datasets (JSONL folders with train/valid/test splits)."""
