@@ -1,0 +1,130 @@
+"""End-to-end training on a tiny model: adapters, mlx-lm loading, resume, NaN, CLI errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import tidpo_mlx  # noqa: F401
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tidpo_mlx.cli import main
+from tidpo_mlx.config import build_config
+from tidpo_mlx.trainer import TrainingError, train
+
+from conftest import write_jsonl
+
+
+def _rows(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
+                     "rejected": f"The answer is {a + b + rng.choice([1, 2, 10])}."})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    write_jsonl(folder / "train.jsonl", _rows(16, 0))
+    write_jsonl(folder / "valid.jsonl", _rows(6, 1))
+    return folder
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=str(model), data=str(data), adapter_path=str(out), iters=3, batch_size=2, num_layers=2,
+                learning_rate=1e-3, warmup_steps=1, anchor="sample", anchor_max_tokens=6, steps_per_save=2)
+    base.update(kw)
+    return build_config(base)
+
+
+def test_three_steps_write_adapters_that_load_in_mlx_lm(tiny_model, data_dir, tmp_path):
+    from mlx_lm import load
+
+    out = tmp_path / "ad"
+    result = train(_cfg(tiny_model, data_dir, out), log=lambda s: None, progress=False)
+    assert (out / "adapters.safetensors").exists() and (out / "config.yaml").exists()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "split" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("loss", "loss/pref", "loss/triplet", "rewards/chosen", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "weights/entropy", "grad_norm", "lr", "tokens_per_s", "peak_memory_gb"):
+        assert key in steps[-1]
+    assert result.before["rewards/accuracies"] == 0.0 and "policy_preference_accuracy" in result.after
+
+    tokens = mx.array([[1, 5, 9, 30, 31, 2]])
+    base, _ = load(str(tiny_model))
+    tuned, _ = load(str(tiny_model), adapter_path=str(out))
+    diff = np.abs(np.array(tuned(tokens)) - np.array(base(tokens))).max()
+    assert diff > 1e-4
+
+
+def test_resume_equals_uninterrupted_run(tiny_model, data_dir, tmp_path):
+    full = _cfg(tiny_model, data_dir, tmp_path / "full", iters=4)
+    train(full, log=lambda s: None, progress=False)
+
+    cut = dataclasses.replace(full, adapter_path=str(tmp_path / "cut"))
+
+    def stop(step, _):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, log=lambda s: None, progress=False, on_step=stop)
+    assert (tmp_path / "cut" / "checkpoints" / "step-000002").is_dir()
+    train(cut, resume=True, log=lambda s: None, progress=False)
+
+    a = mx.load(str(tmp_path / "full" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "cut" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "split" not in json.loads(l)]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_model, data_dir, tmp_path):
+    cfg = _cfg(tiny_model, data_dir, tmp_path / "nan", iters=6, learning_rate=1e30, warmup_steps=0,
+               max_grad_norm=0.0, steps_per_save=1, save_total_limit=10)
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step \d+ \(batch starting at .*train.jsonl:\d+"):
+        train(cfg, log=lambda s: None, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert kept and all(name.startswith("step-") for name in kept)
+    last = mx.load(str(tmp_path / "nan" / "checkpoints" / kept[-1] / "adapters.safetensors"))
+    assert all(np.isfinite(np.array(v)).all() for v in last.values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "/no/such/model: not a model folder"),
+    (["--preset", "nope"], "Invalid value for '--preset'"),
+    (["--beta", "abc"], "Invalid value for '--beta'"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--adapter-path", str(tmp_path / "x")] + args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("betta: 0.2\n")
+    result = CliRunner().invoke(main, ["train", "-c", str(recipe)])
+    assert result.exit_code != 0
+    assert f"{recipe}: unknown key 'betta' (did you mean 'beta'?)" in result.output
+    recipe.write_text("preset: nope\n")
+    result = CliRunner().invoke(main, ["train", "-c", str(recipe)])
+    assert "unknown preset 'nope'" in result.output
+    recipe.write_text("lora_parameters: {rank: two}\n")
+    result = CliRunner().invoke(main, ["train", "-c", str(recipe)])
+    assert "'lora_parameters.rank' must be an integer" in result.output

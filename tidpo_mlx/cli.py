@@ -1,0 +1,118 @@
+"""Command line: ``tidpo-mlx train | doctor | convert``.
+
+Every config key is a flag of ``train`` (generated from the Config dataclass,
+so ``--help`` lists each with its default). Errors print one line and exit 1;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from typing import Any, Callable, Literal
+
+import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+
+import click
+
+from tidpo_mlx.config import Config, ConfigError, LoRAParameters
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, OSError)
+
+
+def _option_for(name: str, hint: Any, default: Any, help_text: str) -> Callable:
+    flag = "--" + name.replace("_", "-")
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    text = f"{help_text} [default: {shown}]"
+    if origin is Literal:
+        return click.option(flag, name, type=click.Choice([str(a) for a in typing.get_args(hint)]), default=None, help=text)
+    if hint is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
+    kind = {int: int, float: float}.get(hint, str)
+    return click.option(flag, name, type=kind, default=None, help=text)
+
+
+def config_options(func: Callable) -> Callable:
+    """Add one option per Config key (``lora_parameters`` as ``--lora-rank`` etc.)."""
+    hints = typing.get_type_hints(Config)
+    lora_hints = typing.get_type_hints(LoRAParameters)
+    for f in reversed(dataclasses.fields(LoRAParameters)):
+        func = _option_for(f"lora_{f.name}", lora_hints[f.name], f.default, f"LoRA: {f.metadata['help']}")(func)
+    for f in reversed(dataclasses.fields(Config)):
+        if f.name == "lora_parameters":
+            continue
+        func = _option_for(f.name, hints[f.name], f.default, f.metadata["help"])(func)
+    return func
+
+
+def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; user-facing errors become one-line messages unless ``debug``."""
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise click.ClickException(message) from None
+
+
+@click.group()
+@click.version_option(tidpo_mlx.__version__, prog_name="tidpo-mlx")
+def main() -> None:
+    """TI-DPO preference tuning with LoRA on MLX."""
+
+
+@main.command()
+@click.option("-c", "--config", "recipe", default=None, help="Recipe YAML (path or bundled name). [default: quickstart]")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --adapter-path.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+def train(recipe: str | None, resume: bool, debug: bool, quiet: bool, **overrides: Any) -> None:
+    """Train LoRA adapters with TI-DPO (or a baseline) on preference pairs."""
+    from tidpo_mlx.config import load_config
+    from tidpo_mlx.trainer import train as run_train
+
+    def job() -> None:
+        cfg = load_config(recipe, overrides)
+        click.echo(f"recipe: {recipe or 'quickstart'}; preset {cfg.preset}: loss_type {cfg.loss_type}, "
+                   f"weighting {cfg.weighting}, beta {cfg.beta}, gamma {cfg.gamma}")
+        result = run_train(cfg, resume=resume, log=click.echo, progress=not quiet)
+        click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapters in {result.adapter_path}")
+        if result.before:
+            for key in ("policy_preference_accuracy", "rewards/accuracies"):
+                click.echo(f"  held-out {key}: {result.before[key]:.3f} -> {result.after[key]:.3f}")
+        click.echo("generate with:")
+        click.echo(
+            f"  mlx_lm.generate --model {result.model_path} --adapter-path {result.adapter_path} "
+            f"--prompt 'What is 17 * 3 + 8?'"
+        )
+
+    run_guarded(debug, job)
+
+
+@main.command()
+def doctor() -> None:
+    """Report backend, device, BLAS, measured GEMM speed and versions."""
+    from tidpo_mlx.doctor import report
+
+    for line in report():
+        click.echo(line)
+
+
+try:
+    from tidpo_mlx.convert.cli import convert as _convert_group
+
+    main.add_command(_convert_group, "convert")
+except ImportError as _err:  # the converters are optional extras of a partial install
+    if "tidpo_mlx.convert.cli" not in str(_err):
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""One config object: every knob of a run, the two TI-DPO presets, YAML loading.
+
+Resolution order (later wins): dataclass defaults < preset < recipe YAML <
+command-line flags. Unknown or ill-typed keys are rejected by name. Names
+follow mlx-lm (``iters``, ``batch_size``, ``num_layers``, ``lora_parameters``,
+...) and TRL's ``DPOTrainer`` (``beta``, ``loss_type``, ``max_length``, ...)
+so their configs mostly just work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+LossType = Literal["dpo", "ipo", "tdpo1", "tdpo2", "simpo"]
+Weighting = Literal["none", "hybrid", "uniform", "random", "attribution", "prior", "softmax"]
+ALL_LINEAR = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+class ConfigError(ValueError):
+    """A recipe or flag that names an unknown key, a bad type or a bad value."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying its ``--help`` text."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class LoRAParameters:
+    """LoRA settings, in mlx-lm's convention (PEFT's ``lora_alpha`` = scale x rank)."""
+
+    rank: int = _doc("LoRA rank r.", default=8)
+    scale: float = _doc("LoRA scale (output = W x + scale * B A x).", default=20.0)
+    dropout: float = _doc("Dropout on the LoRA input (training passes only).", default=0.0)
+    keys: tuple[str, ...] = _doc(
+        "Modules inside each block that get LoRA.", default=tuple(ALL_LINEAR)
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run. The paper symbol of each method key is in its help."""
+
+    # model and data
+    model: str = _doc(
+        "Built-in model name, Hugging Face id, local HF/MLX folder or .gguf file.",
+        default="smollm2-135m-instruct",
+    )
+    data: str = _doc(
+        "Folder with train.jsonl/valid.jsonl[/test.jsonl], or a bundled dataset name.",
+        default="arith",
+    )
+    adapter_path: str = _doc("Where adapters, checkpoints and logs are written.", default="adapters")
+    resume_adapter_file: Optional[str] = _doc(
+        "Start from these adapter weights (an adapters.safetensors or its folder).", default=None
+    )
+    chat_template: Literal["auto", "none"] = _doc(
+        "auto: the tokenizer's chat template; none: plain prompt + response text.", default="auto"
+    )
+    max_length: int = _doc("Max tokens of prompt + response (TRL's name).", default=256)
+    max_prompt_length: int = _doc("Max prompt tokens; cut from the left.", default=128)
+    seed: int = _doc("Seed for LoRA init, batch order, sampling and random weights.", default=0)
+
+    # training
+    fine_tune_type: Literal["lora"] = _doc("Only LoRA in this version.", default="lora")
+    num_layers: int = _doc("LoRA on the last N transformer blocks (-1: all).", default=16)
+    lora_parameters: LoRAParameters = _doc("rank, scale, dropout, keys.", default=LoRAParameters())
+    optimizer: Literal["adamw"] = _doc("Optimizer.", default="adamw")
+    learning_rate: float = _doc("Peak learning rate.", default=5e-5)
+    weight_decay: float = _doc("AdamW weight decay.", default=0.0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = _doc(
+        "Decay after warmup: constant, cosine or linear (to 0 at iters).", default="cosine"
+    )
+    warmup_steps: int = _doc("Linear warmup steps from 0 to the peak rate.", default=5)
+    iters: int = _doc("Optimizer steps.", default=60)
+    batch_size: int = _doc("Preference pairs per micro-batch.", default=4)
+    grad_accumulation_steps: int = _doc("Micro-batches per optimizer step.", default=1)
+    max_grad_norm: float = _doc("Clip the global gradient norm (0: off).", default=1.0)
+    grad_checkpoint: bool = _doc("Recompute block activations in the backward pass.", default=False)
+    steps_per_report: int = _doc("Progress-bar refresh of averaged metrics.", default=1)
+    steps_per_eval: int = _doc("Held-out eval every N steps (0: before and after only).", default=0)
+    val_batches: int = _doc("Held-out batches per eval (-1: the whole split).", default=-1)
+    steps_per_save: int = _doc("Checkpoint every N steps (0: only at the end).", default=50)
+    save_total_limit: int = _doc("Checkpoints kept (oldest removed first).", default=2)
+    dequantize: Literal["auto", "true", "false"] = _doc(
+        "Compute with the frozen base dequantized: auto = on CPU yes, on GPU no.", default="auto"
+    )
+
+    # method (SPEC.md); the preset fills these, explicit keys win
+    preset: Literal["paper", "official"] = _doc("TI-DPO preset: paper or official.", default="paper")
+    loss_type: LossType = _doc("Preference loss: dpo, ipo, tdpo1, tdpo2, simpo.", default="dpo")
+    weighting: Weighting = _doc(
+        "Token weights: hybrid (TI-DPO), none, uniform, random, attribution, prior, softmax.",
+        default="hybrid",
+    )
+    beta: float = _doc("beta: scale of the margin in the sigmoid.", default=0.1)
+    alpha: float = _doc("alpha: weight of the sequential KL term (tdpo2).", default=0.5)
+    lam: float = _doc("lambda: share of attribution vs Gaussian prior in w.", default=0.7)
+    sigma_div: float = _doc("sigma = max(1, n / sigma_div) of the Gaussian prior.", default=4.0)
+    weight_span: Literal["response", "sequence"] = _doc(
+        "Span of attribution and prior: response or prompt+response.", default="response"
+    )
+    weight_norm: Literal["sum1", "mean1"] = _doc(
+        "sum1: weights sum to 1 over the span; mean1: mean weight 1.", default="sum1"
+    )
+    gamma: float = _doc("gamma: weight of the triplet loss.", default=0.1)
+    triplet_margin: float = _doc("Triplet margin (paper: unstated; we pick 1.0).", default=1.0)
+    label_smoothing: float = _doc("Label smoothing eps of the dpo loss.", default=0.0)
+    simpo_beta: float = _doc("SimPO beta.", default=2.0)
+    simpo_gamma: float = _doc("SimPO gamma (margin).", default=1.0)
+    anchor: Literal["sample", "none"] = _doc(
+        "Triplet anchor: sample (a per-pair 'anchor' field in the data wins, the other "
+        "pairs sample from the policy) or none (triplet term off).",
+        default="sample",
+    )
+    anchor_temperature: float = _doc("Anchor sampling temperature.", default=0.8)
+    anchor_top_p: float = _doc("Anchor sampling top-p.", default=0.95)
+    anchor_top_k: int = _doc("Anchor sampling top-k.", default=50)
+    anchor_max_tokens: int = _doc("Anchor sampling: max new tokens.", default=64)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss needs the reference model (every loss but simpo)."""
+        return self.loss_type != "simpo"
+
+    @property
+    def uses_triplet(self) -> bool:
+        """Whether the triplet term can be on (gamma > 0 and a reference-based loss)."""
+        return self.gamma > 0 and self.uses_reference
+
+    @property
+    def uses_attribution(self) -> bool:
+        """Whether the weights need the gradient attribution I."""
+        return self.uses_reference and self.weighting in ("hybrid", "attribution", "softmax")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON friendly) of every key."""
+        out = dataclasses.asdict(self)
+        out["lora_parameters"]["keys"] = list(self.lora_parameters.keys)
+        return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        loss_type="dpo",
+        beta=0.1,
+        lam=0.7,
+        sigma_div=4.0,
+        weight_span="response",
+        weight_norm="sum1",
+        gamma=0.1,
+        triplet_margin=1.0,
+    ),
+    "official": dict(
+        loss_type="tdpo2",
+        beta=0.2,
+        alpha=0.5,
+        lam=0.2,
+        sigma_div=8.0,
+        weight_span="sequence",
+        weight_norm="mean1",
+        gamma=0.001,
+        triplet_margin=0.001,
+    ),
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_LORA_FIELDS = {f.name: f for f in dataclasses.fields(LoRAParameters)}
+
+
+def _check_value(where: str, key: str, value: Any, annotation: Any) -> Any:
+    """Coerce ``value`` to ``annotation`` or raise a ConfigError naming the key."""
+    hint = typing.get_type_hints(Config).get(key) if annotation is None else annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            value = str(value).lower()
+        if value not in args:
+            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: '{key}' must be a list of strings, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{where}: '{key}' has an unsupported type")
+
+
+def _unknown(where: str, key: str, known: typing.Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _lora_from(where: str, value: Any, base: LoRAParameters) -> LoRAParameters:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'lora_parameters' must be a mapping")
+    hints = typing.get_type_hints(LoRAParameters)
+    updates = {}
+    for key, val in value.items():
+        if key not in _LORA_FIELDS:
+            raise _unknown(where, f"lora_parameters.{key}", [f"lora_parameters.{k}" for k in _LORA_FIELDS])
+        updates[key] = _check_value(where, f"lora_parameters.{key}", val, hints[key])
+    return dataclasses.replace(base, **updates)
+
+
+def _validate(cfg: Config, where: str) -> None:
+    positive = ["max_length", "max_prompt_length", "batch_size", "grad_accumulation_steps"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{where}: '{key}' must be > 0")
+    if cfg.iters < 0 or cfg.warmup_steps < 0:
+        raise ConfigError(f"{where}: 'iters' and 'warmup_steps' must be >= 0")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"{where}: 'max_prompt_length' must be < 'max_length'")
+    if not 0.0 <= cfg.lam <= 1.0:
+        raise ConfigError(f"{where}: 'lam' must be in [0, 1]")
+    if cfg.sigma_div <= 0 or cfg.beta <= 0 or cfg.learning_rate <= 0:
+        raise ConfigError(f"{where}: 'sigma_div', 'beta' and 'learning_rate' must be > 0")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"{where}: 'label_smoothing' must be in [0, 0.5)")
+    if cfg.lora_parameters.rank <= 0:
+        raise ConfigError(f"{where}: 'lora_parameters.rank' must be > 0")
+    if not 0.0 <= cfg.lora_parameters.dropout < 1.0:
+        raise ConfigError(f"{where}: 'lora_parameters.dropout' must be in [0, 1)")
+
+
+def build_config(
+    recipe: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    where: str = "config",
+) -> Config:
+    """Resolve defaults < preset < ``recipe`` < ``overrides`` into a validated Config.
+
+    ``where`` names the recipe file in error messages. Flat override keys
+    ``lora_rank``/``lora_scale``/``lora_dropout``/``lora_keys`` address
+    ``lora_parameters``.
+    """
+    recipe = dict(recipe or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = overrides.get("preset", recipe.get("preset", Config.preset))
+    if preset not in PRESETS:
+        raise ConfigError(f"{where}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    values: dict[str, Any] = dict(PRESETS[preset], preset=preset)
+    lora = LoRAParameters()
+    for source, mapping in ((where, recipe), ("command line", overrides)):
+        for key, value in mapping.items():
+            if key.startswith("lora_") and key[5:] in _LORA_FIELDS:
+                lora = _lora_from(source, {key[5:]: value}, lora)
+            elif key == "lora_parameters":
+                lora = _lora_from(source, value, lora)
+            elif key not in _FIELDS:
+                raise _unknown(source, key, list(_FIELDS) + [f"lora_{k}" for k in _LORA_FIELDS])
+            else:
+                values[key] = _check_value(source, key, value, None)
+    cfg = Config(**values, lora_parameters=lora)
+    _validate(cfg, where)
+    return cfg
+
+
+def builtin_recipe_path(name: str) -> Path:
+    """Path of a recipe shipped in the package (``recipes/<name>.yaml``)."""
+    return Path(str(resources.files("tidpo_mlx.recipes") / f"{name}.yaml"))
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML file (a path, or the name of a bundled recipe)."""
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        p = builtin_recipe_path(str(path))
+    if not p.exists():
+        raise ConfigError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{line}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def load_config(recipe_path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a recipe (default: the bundled quickstart) and apply CLI overrides."""
+    path = recipe_path or builtin_recipe_path("quickstart")
+    return build_config(load_recipe(path), overrides, where=str(path))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

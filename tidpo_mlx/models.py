@@ -1,0 +1,305 @@
+"""Models: resolve and load, dequantize for CPU, LoRA with an off switch, adapters I/O.
+
+The policy ``pi`` is the base model with trainable LoRA adapters; the reference
+``ref`` is the very same module with the adapters switched off (one copy in
+memory). The switch is a Python flag read while a function is traced, so it
+works inside ``mx.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+
+from tidpo_mlx.config import Config
+
+
+class ModelError(ValueError):
+    """A model that cannot be found, fetched or used; the message says which and why."""
+
+
+class SwitchableLoRALinear(LoRALinear):
+    """mlx-lm's LoRALinear (same parameters, same file format) with an off switch.
+
+    ``enabled = False`` makes the layer compute the frozen base ``W x`` only: the
+    reference model ``ref`` of SPEC.md.
+    """
+
+    enabled: bool = True
+
+    @staticmethod
+    def wrap(linear: nn.Module, rank: int, scale: float, dropout: float) -> "SwitchableLoRALinear":
+        """LoRA around a Linear or QuantizedLinear (lora_b starts at zero)."""
+        out_dims, in_dims = linear.weight.shape
+        if isinstance(linear, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // linear.bits
+        layer = SwitchableLoRALinear(in_dims, out_dims, r=rank, dropout=dropout, scale=scale)
+        layer.linear = linear
+        return layer
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.enabled:
+            return self.linear(x)
+        return super().__call__(x)
+
+
+def lora_layers(model: nn.Module) -> list[SwitchableLoRALinear]:
+    """Every switchable LoRA layer of ``model``."""
+    return [m for _, m in model.named_modules() if isinstance(m, SwitchableLoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run the reference model ``ref``: the base with every adapter switched off."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+def resolve_model(spec: str) -> Path:
+    """A local MLX/HF folder for a built-in name, a .gguf file, a folder or a Hub id."""
+    from tidpo_mlx import builtin
+
+    if spec in builtin.BUILTIN_MODELS:
+        return builtin.fetch_builtin(spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{spec}: no such GGUF file")
+        from tidpo_mlx.convert.gguf import cached_mlx_folder
+
+        return cached_mlx_folder(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec}: folder has no config.json (not a Hugging Face/MLX model)")
+        return path
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(
+            f"{spec}: not a model folder, .gguf file, Hugging Face id or built-in name "
+            f"({', '.join(builtin.BUILTIN_MODELS)})"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                spec,
+                allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as err:  # the Hub client raises many types; the message is what matters
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"{spec}: not cached and could not be downloaded from the Hugging Face Hub ({first})"
+        ) from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    with open(path / "config.json") as f:
+        return json.load(f)
+
+
+def rope_fix(config: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides so mlx-lm sees a ``rope_theta`` written only under ``rope_parameters``.
+
+    transformers 5 writes ``rope_parameters.rope_theta``; mlx-lm 0.32 reads
+    only a top-level ``rope_theta`` and would silently fall back to 10000.
+    """
+    params = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in params:
+        return {"rope_theta": params["rope_theta"]}
+    return {}
+
+
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU (Linux CPU wheel, or forced)."""
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, bool]:
+    """Load model + tokenizer with mlx-lm; return (model, tokenizer, dequantized?).
+
+    On the CPU, ``quantized_matmul`` is ~80x slower than an fp32 GEMM, so the
+    frozen base is dequantized to float32 there unless ``dequantize`` is false.
+    """
+    from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+
+    config = _read_config(path)
+    try:
+        model, config = load_model(path, model_config=rope_fix(config))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise ModelError(f"{path}: mlx-lm cannot load this model ({err})") from None
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    do_dequantize = quantized and (dequantize == "true" or (dequantize == "auto" and on_cpu()))
+    if do_dequantize:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+    check_embedding_input(model, str(path))
+    return model, tokenizer, do_dequantize
+
+
+def embed(model: nn.Module, tokens: mx.array) -> mx.array:
+    """Input embeddings ``E = embed(s)`` (N, L, D)."""
+    return model.model.embed_tokens(tokens)
+
+
+def hidden_states(model: nn.Module, embeddings: mx.array) -> mx.array:
+    """Final hidden states (after the last norm) from input embeddings."""
+    return model.model(None, input_embeddings=embeddings)
+
+
+def project(model: nn.Module, hidden: mx.array) -> mx.array:
+    """The LM head: hidden states to vocabulary logits."""
+    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)
+
+
+def check_embedding_input(model: nn.Module, name: str) -> None:
+    """Fail clearly unless ``project(hidden_states(embed(x)))`` reproduces ``model(x)``.
+
+    Attribution differentiates with respect to the input embeddings, so the
+    model must accept ``input_embeddings`` and add nothing between the final
+    hidden states and the LM head (mlx-lm's llama, qwen2, qwen3, mistral do).
+    """
+    from mlx_lm.utils import does_model_support_input_embeddings
+
+    if not does_model_support_input_embeddings(model) or not hasattr(model, "model"):
+        raise ModelError(f"{name}: model type {model.model_type!r} does not accept input embeddings")
+    tokens = mx.array([[1, 2, 3, 4]])
+    ours = project(model, hidden_states(model, embed(model, tokens)))
+    theirs = model(tokens)
+    scale = mx.abs(theirs).max().item() + 1e-6
+    if mx.abs(ours - theirs).max().item() > 1e-3 * scale:
+        raise ModelError(
+            f"{name}: model type {model.model_type!r} transforms its hidden states before the "
+            "LM head in a way tidpo-mlx does not reproduce"
+        )
+
+
+def attach_lora(model: nn.Module, cfg: Config) -> None:
+    """Freeze the base and put LoRA on ``cfg.lora_parameters.keys`` of the last ``num_layers`` blocks."""
+    lp = cfg.lora_parameters
+    model.freeze()
+    blocks = model.layers if cfg.num_layers < 0 else model.layers[-cfg.num_layers:]
+    if cfg.num_layers > len(model.layers):
+        raise ModelError(f"num_layers={cfg.num_layers} but the model has {len(model.layers)} blocks")
+    found = set()
+    for block in blocks:
+        swaps = []
+        for key, module in block.named_modules():
+            if key in lp.keys and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                swaps.append((key, SwitchableLoRALinear.wrap(module, lp.rank, lp.scale, lp.dropout)))
+                found.add(key)
+        block.update_modules(tree_unflatten(swaps))
+    missing = set(lp.keys) - found
+    if missing:
+        raise ModelError(f"lora_parameters.keys: no such linear module in the blocks: {', '.join(sorted(missing))}")
+
+
+def adapter_config(cfg: Config, model_path: Path) -> dict[str, Any]:
+    """``adapter_config.json``: mlx-lm's keys (so ``--adapter-path`` loads it) plus the run's config."""
+    from tidpo_mlx import builtin
+
+    hf_id = builtin.BUILTIN_MODELS[cfg.model].hf_id if cfg.model in builtin.BUILTIN_MODELS else cfg.model
+    lp = cfg.lora_parameters
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": cfg.num_layers,
+        "lora_parameters": {"rank": lp.rank, "scale": lp.scale, "dropout": lp.dropout, "keys": list(lp.keys)},
+        "model": str(model_path),
+        "base_model_name_or_path": hf_id,
+        "tidpo_mlx": cfg.to_dict(),
+    }
+
+
+def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The adapter weights (flat names as in ``adapters.safetensors``)."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file through a temporary name and rename (never half-written)."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary name and rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_adapters(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
+    """``adapters.safetensors`` + ``adapter_config.json`` in mlx-lm's format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(folder / "adapters.safetensors", trainable_weights(model))
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
+
+
+def load_adapter_weights(model: nn.Module, file: str | Path) -> None:
+    """Load LoRA weights into an already LoRA-fied model, checking names and shapes."""
+    path = Path(file)
+    if path.is_dir():
+        path = path / "adapters.safetensors"
+    if not path.exists():
+        raise ModelError(f"{path}: no adapter file")
+    weights = mx.load(str(path))
+    own = trainable_weights(model)
+    for name, w in weights.items():
+        if name not in own:
+            raise ModelError(f"{path}: '{name}' is not an adapter parameter of this model/config")
+        if w.shape != own[name].shape:
+            raise ModelError(
+                f"{path}: '{name}' has shape {tuple(w.shape)}, the model expects {tuple(own[name].shape)} "
+                "(rank or layer mismatch)"
+            )
+    missing = set(own) - set(weights)
+    if missing:
+        raise ModelError(f"{path}: missing adapter weights, e.g. '{sorted(missing)[0]}'")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+
+
+def load_adapted(model_spec: str, adapter_path: str | None, cfg: Config) -> tuple[nn.Module, Any, Path]:
+    """Base model (+ adapters from ``adapter_path``, using that folder's LoRA settings)."""
+    path = resolve_model(model_spec)
+    model, tokenizer, _ = load_base(path, cfg.dequantize)
+    if adapter_path is not None:
+        folder = Path(adapter_path)
+        cfg_file = folder / "adapter_config.json"
+        if not cfg_file.exists():
+            raise ModelError(f"{folder}: no adapter_config.json")
+        saved = json.loads(cfg_file.read_text())
+        import dataclasses
+
+        from tidpo_mlx.config import LoRAParameters
+
+        lp = saved["lora_parameters"]
+        adapter_cfg = dataclasses.replace(
+            cfg,
+            num_layers=saved["num_layers"],
+            lora_parameters=LoRAParameters(
+                rank=lp["rank"], scale=lp["scale"], dropout=lp.get("dropout", 0.0), keys=tuple(lp["keys"])
+            ),
+        )
+        attach_lora(model, adapter_cfg)
+        load_adapter_weights(model, folder)
+    return model, tokenizer, path

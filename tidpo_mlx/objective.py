@@ -1,0 +1,126 @@
+"""The training objective on one collated batch: log-probs, weights, losses, metrics.
+
+A batch stacks the chosen, rejected (and anchor) sequences of B pairs (see
+``data.collate``). The policy and the reference run from the same input
+embeddings ``E``; the reference is the same model with its adapters off.
+Logits are computed only at the positions that predict response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from tidpo_mlx import losses
+from tidpo_mlx.config import Config
+from tidpo_mlx.importance import attribution, response_weights, span_weights, weights_entropy
+from tidpo_mlx.models import adapters_off, embed, hidden_states, project
+
+
+def response_logprobs(
+    model: nn.Module, embeddings: mx.array, batch: dict[str, mx.array], full: bool
+) -> tuple[mx.array, mx.array | None]:
+    """Per-token ``log pi(y_t | x, y_<t)`` (N, R), and the full log-softmax (N, R, V) if ``full``.
+
+    The logits for response token t come from the position before it; the
+    hidden states are gathered there before the LM head.
+    """
+    h = hidden_states(model, embeddings)
+    pos = batch["resp_pos"]
+    h = mx.take_along_axis(h, (pos - 1)[..., None], axis=1)
+    logits = project(model, h).astype(mx.float32)
+    targets = mx.take_along_axis(batch["tokens"], pos, axis=1)
+    logz = mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1) - logz
+    logp = picked[..., 0] * batch["resp_mask"]
+    return logp, (logits - logz if full else None)
+
+
+def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
+    """Loss ``L = mean over pairs of (L_pref + gamma * L_trip)`` and per-pair/per-batch metrics.
+
+    Works for every ``loss_type`` and ``weighting`` of the config. With anchor
+    rows in the batch (N = 3B) the triplet term is on; without (N = 2B) it is 0.
+    """
+    tokens = batch["tokens"]
+    b = batch["pair_index"].shape[0]
+    has_anchor = tokens.shape[0] == 3 * b
+    mask = batch["resp_mask"]
+    need_kl = cfg.loss_type in ("tdpo1", "tdpo2")
+    training = model.training
+
+    e = embed(model, tokens)
+    logp, logp_full = response_logprobs(model, e, batch, full=need_kl)
+
+    aux: dict[str, mx.array] = {}
+    if cfg.uses_reference:
+        with adapters_off(model):
+            ref_logp, ref_full = response_logprobs(model, e, batch, full=need_kl)
+        ref_logp = mx.stop_gradient(ref_logp)
+        rho = logp - ref_logp
+        importance = None
+        if cfg.uses_attribution:
+            model.train(False)
+            importance = attribution(model, e[: 2 * b], batch["last"][: 2 * b])
+            model.train(training)
+        span = batch["resp_span" if cfg.weight_span == "response" else "seq_mask"][: 2 * b]
+        w_span = span_weights(
+            cfg.weighting,
+            span,
+            importance,
+            cfg.lam,
+            cfg.sigma_div,
+            cfg.weight_norm,
+            random=lambda shape: mx.random.uniform(shape=shape),
+        )
+        w = mx.stop_gradient(response_weights(w_span, batch["resp_pos"][: 2 * b], mask[: 2 * b]))
+        w_c, w_r = w[:b], w[b:]
+        m_c, m_r = mask[:b], mask[b: 2 * b]
+        rho_c, rho_r = rho[:b], rho[b: 2 * b]
+        margin = losses.weighted_sum(rho_c, w_c, m_c) - losses.weighted_sum(rho_r, w_r, m_r)
+        if cfg.loss_type == "dpo":
+            pref = losses.dpo_loss(margin, cfg.beta, cfg.label_smoothing)
+        elif cfg.loss_type == "ipo":
+            avg = losses.weighted_mean(rho_c, w_c, m_c) - losses.weighted_mean(rho_r, w_r, m_r)
+            pref = losses.ipo_loss(avg, cfg.beta)
+        else:
+            kl = losses.sequence_kl(logp_full[: 2 * b], mx.stop_gradient(ref_full[: 2 * b]), mask[: 2 * b])
+            aux["kl_chosen"], aux["kl_rejected"] = kl[:b], kl[b:]
+            tdpo1 = cfg.loss_type == "tdpo1"
+            pref = losses.tdpo_loss(
+                margin, kl[:b], kl[b:], cfg.beta, 1.0 if tdpo1 else cfg.alpha, stop_chosen_kl=not tdpo1
+            )
+        sum_rho = (rho * mask).sum(axis=-1)
+        aux["reward_chosen"] = cfg.beta * sum_rho[:b]
+        aux["reward_rejected"] = cfg.beta * sum_rho[b: 2 * b]
+        aux["weighted_margin"] = margin
+        aux["weights_entropy"] = weights_entropy(w, mask[: 2 * b])
+        if has_anchor and cfg.uses_triplet:
+            trip = losses.triplet_loss(rho[2 * b:], mask[2 * b:], rho_c, m_c, rho_r, m_r, cfg.triplet_margin)
+        else:
+            trip = mx.zeros((b,))
+    else:
+        avg_lp = logp.sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1.0)
+        pref = losses.simpo_loss(avg_lp[:b], avg_lp[b: 2 * b], cfg.simpo_beta, cfg.simpo_gamma)
+        aux["reward_chosen"] = cfg.simpo_beta * avg_lp[:b]
+        aux["reward_rejected"] = cfg.simpo_beta * avg_lp[b: 2 * b]
+        aux["weighted_margin"] = avg_lp[:b] - avg_lp[b: 2 * b]
+        trip = mx.zeros((b,))
+    per_pair = pref + cfg.gamma * trip
+    sums = logp.sum(axis=-1)
+    aux.update(
+        loss=per_pair,
+        loss_pref=pref,
+        loss_triplet=trip,
+        logp_chosen=sums[:b],
+        logp_rejected=sums[b: 2 * b],
+        ntoks=batch["seq_mask"].sum(),
+    )
+    return per_pair.mean(), aux
+
+
+def to_mx(batch: dict[str, Any]) -> dict[str, mx.array]:
+    """numpy batch arrays to MLX arrays."""
+    return {k: mx.array(v) for k, v in batch.items()}

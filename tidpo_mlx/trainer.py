@@ -1,0 +1,306 @@
+"""The training loop: compiled step, accumulation, clipping, eval, checkpoints, resume.
+
+Randomness is a function of (seed, step): batch order, dropout and random
+weights are reseeded per micro-batch and anchors per step, so a resumed run
+repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from tidpo_mlx.anchors import anchor_seed, sample_anchors
+from tidpo_mlx.config import Config, save_config
+from tidpo_mlx.data import Dataset, Example, PairEncoder, collate, eval_batches, iterate_batches, load_dataset
+from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb, preference_metrics
+from tidpo_mlx.models import (
+    adapter_config,
+    adapters_off,
+    atomic_save_safetensors,
+    atomic_write_text,
+    attach_lora,
+    embed,
+    load_adapter_weights,
+    load_base,
+    resolve_model,
+    save_adapters,
+)
+from tidpo_mlx.objective import batch_objective, response_logprobs, to_mx
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (non-finite loss, bad resume state); the message says where."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and measured."""
+
+    adapter_path: Path
+    model_path: Path
+    steps: int
+    seconds: float
+    before: dict[str, float] | None
+    after: dict[str, float]
+
+
+def learning_rate_schedule(cfg: Config) -> Callable[[mx.array], mx.array]:
+    """Linear warmup to ``learning_rate`` over ``warmup_steps`` (the first step already at
+    ``lr / (warmup_steps + 1)``), then constant, cosine or linear decay to 0 at ``iters``."""
+    peak, warm = cfg.learning_rate, cfg.warmup_steps
+    span = max(cfg.iters - warm, 1)
+
+    def schedule(step: mx.array) -> mx.array:
+        step = mx.array(step, dtype=mx.float32)
+        progress = mx.clip((step - warm) / span, 0.0, 1.0)
+        if cfg.lr_schedule == "cosine":
+            decayed = peak * 0.5 * (1.0 + mx.cos(math.pi * progress))
+        elif cfg.lr_schedule == "linear":
+            decayed = peak * (1.0 - progress)
+        else:
+            decayed = mx.array(peak, dtype=mx.float32)
+        return mx.where(step < warm, peak * (step + 1.0) / (warm + 1.0), decayed)
+
+    return schedule
+
+
+def build_optimizer(cfg: Config) -> optim.Optimizer:
+    """AdamW with the configured schedule."""
+    return optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
+
+
+def micro_seed(seed: int, micro: int) -> int:
+    """Seed of the global RNG (dropout, random weights) for micro-batch ``micro``."""
+    return (seed * 7_919 + micro * 104_729 + 17) % (2**31)
+
+
+class HeldOut:
+    """Held-out metrics from summed response log-probs; reference log-probs computed once."""
+
+    def __init__(self, model: nn.Module, cfg: Config, examples: list[Example], pad_id: int):
+        self.model = model
+        self.cfg = cfg
+        self.batches = [
+            (to_mx(collate(b, pad_id)), len(b))
+            for b in eval_batches(examples, 2 * cfg.batch_size, cfg.val_batches)
+        ]
+        self.pairs = sum(n for _, n in self.batches)
+        self._policy = mx.compile(self._sums, inputs=[model.state])
+        self.ref = None
+        if cfg.uses_reference:
+            with adapters_off(model):
+                self.ref = self._run(self._sums)
+
+    def _sums(self, batch: dict[str, mx.array]) -> mx.array:
+        logp, _ = response_logprobs(self.model, embed(self.model, batch["tokens"]), batch, full=False)
+        return logp.sum(axis=-1)
+
+    def _run(self, fn: Callable[[dict[str, mx.array]], mx.array]) -> tuple[np.ndarray, np.ndarray]:
+        training = self.model.training
+        self.model.eval()
+        chosen, rejected = [], []
+        for batch, b in self.batches:
+            sums = np.array(fn(batch))
+            chosen.append(sums[:b])
+            rejected.append(sums[b:])
+        self.model.train(training)
+        return np.concatenate(chosen), np.concatenate(rejected)
+
+    def __call__(self) -> dict[str, float]:
+        chosen, rejected = self._run(self._policy)
+        ref = self.ref or (None, None)
+        beta = self.cfg.beta
+        return preference_metrics(chosen, rejected, ref[0], ref[1], beta)
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, opt: optim.Optimizer, config: dict[str, Any], keep: int) -> Path:
+    """Adapters, optimizer state and step, written to a temp folder and renamed into place."""
+    root = out / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapters(model, tmp, config)
+    atomic_save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(opt.state)))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoint_dirs(out)[: -max(keep, 1)]:
+        shutil.rmtree(old)
+    return final
+
+
+def restore_checkpoint(out: Path, model: nn.Module, opt: optim.Optimizer) -> int:
+    """Load the newest checkpoint into ``model`` and ``opt``; return its step."""
+    found = checkpoint_dirs(out)
+    if not found:
+        raise TrainingError(f"{out}: --resume given but there is no checkpoint in {out / CHECKPOINTS}")
+    last = found[-1]
+    load_adapter_weights(model, last)
+    opt.state = tree_unflatten(list(mx.load(str(last / "optimizer.safetensors")).items()))
+    return int(json.loads((last / "state.json").read_text())["step"])
+
+
+def _global_norm(grads: Any) -> mx.array:
+    return mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
+
+
+def train(
+    cfg: Config,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run a full training job as configured; return where the adapters are and what was measured.
+
+    ``on_step(step, metrics)`` is called after every optimizer step (before
+    that step's eval and checkpoint), like mlx-lm's training callback.
+    """
+    out = Path(cfg.adapter_path)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(cfg.seed)
+
+    model_path = resolve_model(cfg.model)
+    model, tokenizer, dequantized = load_base(model_path, cfg.dequantize)
+    log(f"model: {cfg.model} -> {model_path}" + (" (frozen base dequantized to float32 for CPU compute)" if dequantized else ""))
+    data: Dataset = load_dataset(cfg.data, tokenizer, cfg)
+    log(
+        f"data: {cfg.data}: {len(data.train)} train, {len(data.valid)} valid pairs; "
+        f"truncated: {data.truncated_prompts} prompts, {data.truncated_responses} responses"
+    )
+    encoder = PairEncoder(tokenizer, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    attach_lora(model, cfg)
+    if cfg.resume_adapter_file:
+        load_adapter_weights(model, cfg.resume_adapter_file)
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    opt = build_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    start = restore_checkpoint(out, model, opt) if resume else 0
+    save_config(cfg, out / "config.yaml")
+    config = adapter_config(cfg, model_path)
+    metrics_log = MetricsLog(out / "metrics.jsonl", keep_until=start if resume else None)
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    log(f"trainable: {n_train / 1e6:.3f} M LoRA parameters; start at step {start} of {cfg.iters}")
+
+    held_out = HeldOut(model, cfg, data.valid, pad_id)
+    before = None
+    if start == 0:
+        t = time.perf_counter()
+        before = held_out()
+        log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
+        metrics_log.write({"step": 0, "split": "valid", **before})
+
+    model.train()
+    value_and_grad = nn.value_and_grad(model, lambda batch: batch_objective(model, cfg, batch))
+
+    @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
+    def grad_step(batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array], Any]:
+        (loss, aux), grads = value_and_grad(batch)
+        return loss, aux, grads
+
+    @partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
+    def apply_step(grads: Any) -> None:
+        if cfg.max_grad_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        opt.update(model, grads)
+
+    accum = cfg.grad_accumulation_steps
+    batches = iterate_batches(data.train, cfg.batch_size, cfg.seed, start=start * accum)
+    bar = _progress(cfg.iters, start, progress)
+    t_train = time.perf_counter()
+    for step in range(start + 1, cfg.iters + 1):
+        tic = time.perf_counter()
+        grads, records, ntoks, sources = None, [], 0.0, []
+        for j in range(accum):
+            micro = (step - 1) * accum + j
+            examples = next(batches)
+            sources.append(f"{examples[0].source}..")
+            anchors = None
+            if cfg.uses_triplet and cfg.anchor == "sample":
+                seed = anchor_seed(cfg.seed, step, examples[0].index)
+                anchors = sample_anchors(model, tokenizer, encoder, examples, cfg, seed)
+            mx.random.seed(micro_seed(cfg.seed, micro))
+            loss, aux, g = grad_step(to_mx(collate(examples, pad_id, anchors)))
+            mx.eval(loss, aux, g)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            records.append(pair_metrics({k: v for k, v in aux.items() if k != "ntoks"}))
+            ntoks += aux["ntoks"].item()
+        if accum > 1:
+            grads = tree_map(lambda x: x / accum, grads)
+        norm = _global_norm(grads).item()
+        record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+        if not (all_finite(record) and math.isfinite(norm)):
+            last = checkpoint_dirs(out)
+            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written"
+            raise TrainingError(
+                f"non-finite loss or gradient at step {step} (batch starting at {sources[0]}); "
+                f"nothing saved for this step, {kept}"
+            )
+        apply_step(grads)
+        mx.eval(model.parameters(), opt.state)
+        lr = opt.learning_rate.item()
+        dt = time.perf_counter() - tic
+        record.update(step=step, grad_norm=norm, lr=lr, tokens_per_s=ntoks / dt, step_time=dt, peak_memory_gb=peak_memory_gb())
+        metrics_log.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        if on_step is not None:
+            on_step(step, record)
+        if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
+            val = held_out()
+            metrics_log.write({"step": step, "split": "valid", **val})
+            log(f"step {step} held-out: {_fmt(val)}")
+        if (cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters:
+            save_checkpoint(out, step, model, opt, config, cfg.save_total_limit)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t_train
+    save_adapters(model, out, config)
+    after = held_out()
+    metrics_log.write({"step": cfg.iters, "split": "valid", **after})
+    log(f"held-out after: {_fmt(after)}")
+    atomic_write_text(out / "summary.json", json.dumps({"before": before, "after": after, "train_seconds": seconds}, indent=2))
+    return TrainResult(out, model_path, cfg.iters, seconds, before, after)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    keys = ["policy_preference_accuracy", "rewards/accuracies", "rewards/margins"]
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+def _progress(total: int, start: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
