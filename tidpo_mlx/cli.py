@@ -105,13 +105,13 @@ def doctor() -> None:
         click.echo(line)
 
 
-try:
-    from tidpo_mlx.convert.cli import convert as _convert_group
+from tidpo_mlx.commands import eval_command, experiment_command, importance_command  # noqa: E402
+from tidpo_mlx.convert.cli import convert as convert_group  # noqa: E402
 
-    main.add_command(_convert_group, "convert")
-except ImportError as _err:  # the converters are optional extras of a partial install
-    if "tidpo_mlx.convert.cli" not in str(_err):
-        raise
+main.add_command(eval_command, "eval")
+main.add_command(importance_command, "importance")
+main.add_command(experiment_command, "experiment")
+main.add_command(convert_group, "convert")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,36 @@ def response_logprobs(
     return logp, (logits - logz if full else None)
 
 
+def token_weights(
+    model: nn.Module, cfg: Config, batch: dict[str, mx.array], embeddings: mx.array, rows: int
+) -> dict[str, mx.array]:
+    """The token weights of the first ``rows`` sequences, exactly as the loss uses them.
+
+    Returns ``importance`` (the attribution I over positions, or None when the
+    weighting needs none), ``span_weights`` (w over the span, (rows, L)) and
+    ``weights`` (w at the response tokens, (rows, R)). Attribution runs on the
+    current policy without dropout; nothing here carries gradient.
+    """
+    importance = None
+    if cfg.uses_attribution:
+        training = model.training
+        model.train(False)
+        importance = attribution(model, embeddings[:rows], batch["last"][:rows])
+        model.train(training)
+    span = batch["resp_span" if cfg.weight_span == "response" else "seq_mask"][:rows]
+    w_span = span_weights(
+        cfg.weighting,
+        span,
+        importance,
+        cfg.lam,
+        cfg.sigma_div,
+        cfg.weight_norm,
+        random=lambda shape: mx.random.uniform(shape=shape),
+    )
+    w = response_weights(w_span, batch["resp_pos"][:rows], batch["resp_mask"][:rows])
+    return {"importance": importance, "span_weights": w_span, "weights": mx.stop_gradient(w)}
+
+
 def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
     """Loss ``L = mean over pairs of (L_pref + gamma * L_trip)`` and per-pair/per-batch metrics.
 
@@ -49,8 +79,6 @@ def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -
     has_anchor = tokens.shape[0] == 3 * b
     mask = batch["resp_mask"]
     need_kl = cfg.loss_type in ("tdpo1", "tdpo2")
-    training = model.training
-
     e = embed(model, tokens)
     logp, logp_full = response_logprobs(model, e, batch, full=need_kl)
 
@@ -60,22 +88,7 @@ def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -
             ref_logp, ref_full = response_logprobs(model, e, batch, full=need_kl)
         ref_logp = mx.stop_gradient(ref_logp)
         rho = logp - ref_logp
-        importance = None
-        if cfg.uses_attribution:
-            model.train(False)
-            importance = attribution(model, e[: 2 * b], batch["last"][: 2 * b])
-            model.train(training)
-        span = batch["resp_span" if cfg.weight_span == "response" else "seq_mask"][: 2 * b]
-        w_span = span_weights(
-            cfg.weighting,
-            span,
-            importance,
-            cfg.lam,
-            cfg.sigma_div,
-            cfg.weight_norm,
-            random=lambda shape: mx.random.uniform(shape=shape),
-        )
-        w = mx.stop_gradient(response_weights(w_span, batch["resp_pos"][: 2 * b], mask[: 2 * b]))
+        w = token_weights(model, cfg, batch, e, 2 * b)["weights"]
         w_c, w_r = w[:b], w[b:]
         m_c, m_r = mask[:b], mask[b: 2 * b]
         rho_c, rho_r = rho[:b], rho[b: 2 * b]

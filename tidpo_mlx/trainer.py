@@ -164,6 +164,29 @@ def restore_checkpoint(out: Path, model: nn.Module, opt: optim.Optimizer) -> int
     return int(json.loads((last / "state.json").read_text())["step"])
 
 
+def compile_steps(model: nn.Module, cfg: Config, opt: optim.Optimizer) -> tuple[Callable, Callable]:
+    """The compiled micro-step ``batch -> (loss, aux, grads)`` and update ``grads -> None``.
+
+    The micro-step differentiates ``batch_objective`` with respect to the
+    trainable (LoRA) parameters; the update clips the global norm to
+    ``max_grad_norm`` and applies the optimizer.
+    """
+    value_and_grad = nn.value_and_grad(model, lambda batch: batch_objective(model, cfg, batch))
+
+    @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
+    def grad_step(batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array], Any]:
+        (loss, aux), grads = value_and_grad(batch)
+        return loss, aux, grads
+
+    @partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
+    def apply_step(grads: Any) -> None:
+        if cfg.max_grad_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        opt.update(model, grads)
+
+    return grad_step, apply_step
+
+
 def _global_norm(grads: Any) -> mx.array:
     return mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
 
@@ -220,18 +243,7 @@ def train(
         metrics_log.write({"step": 0, "split": "valid", **before})
 
     model.train()
-    value_and_grad = nn.value_and_grad(model, lambda batch: batch_objective(model, cfg, batch))
-
-    @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
-    def grad_step(batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array], Any]:
-        (loss, aux), grads = value_and_grad(batch)
-        return loss, aux, grads
-
-    @partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
-    def apply_step(grads: Any) -> None:
-        if cfg.max_grad_norm > 0:
-            grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        opt.update(model, grads)
+    grad_step, apply_step = compile_steps(model, cfg, opt)
 
     accum = cfg.grad_accumulation_steps
     batches = iterate_batches(data.train, cfg.batch_size, cfg.seed, start=start * accum)
