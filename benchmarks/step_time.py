@@ -38,7 +38,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, float]:
     cfg = build_config(dict(model=args.model, data=args.data, batch_size=args.batch_size, num_layers=16,
                             learning_rate=1e-5, **VARIANTS[variant]))
     mx.random.seed(0)
-    model, tok, _ = load_base(resolve_model(cfg.model), cfg.dequantize)
+    model, tok, _ = load_base(resolve_model(cfg.model), cfg.dequantize, cfg.plain_attention)
     data = load_dataset(cfg.data, tok, cfg)
     attach_lora(model, cfg)
     opt = build_optimizer(cfg)

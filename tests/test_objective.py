@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from tidpo_mlx.config import build_config
 from tidpo_mlx.data import PairEncoder, collate
 from tidpo_mlx.importance import attribution
-from tidpo_mlx.models import adapters_off, attach_lora, embed, load_base
+from tidpo_mlx.models import attach_lora, reference_mode, embed, load_base
 from tidpo_mlx.objective import batch_objective, response_logprobs, to_mx
 
 from test_losses import np_kl, np_log_sigmoid, np_weights
@@ -67,10 +67,10 @@ def _np_logps(model, batch):
     return out, full
 
 
-def test_adapters_off_is_the_base_model(setup):
+def test_reference_mode_is_the_base_model(setup):
     cfg, model, base, tok, examples = setup
     tokens = mx.array(collate(examples, 0)["tokens"])
-    with adapters_off(model):
+    with reference_mode(model):
         off = np.array(model(tokens))
     np.testing.assert_array_equal(off, np.array(base(tokens)))
     assert np.abs(np.array(model(tokens)) - off).max() > 1e-3

@@ -128,3 +128,34 @@ def test_recipe_errors_name_the_key(tmp_path):
     recipe.write_text("lora_parameters: {rank: two}\n")
     result = CliRunner().invoke(main, ["train", "-c", str(recipe)])
     assert "'lora_parameters.rank' must be an integer" in result.output
+
+
+def test_full_fine_tune_with_rmsprop_keeps_the_original_as_reference(tiny_model, data_dir, tmp_path):
+    from mlx_lm import load
+
+    from tidpo_mlx.models import load_adapted, reference_mode
+
+    out = tmp_path / "full"
+    cfg = _cfg(tiny_model, data_dir, out, fine_tune_type="full", optimizer="rmsprop", num_layers=1,
+               learning_rate=1e-3, anchor="none")
+    train(cfg, log=lambda s: None, progress=False)
+    saved = mx.load(str(out / "adapters.safetensors"))
+    assert saved and all(k.startswith("model.layers.1.") for k in saved)
+    tokens = mx.array([[1, 5, 9, 30, 31, 2]])
+    base, _ = load(str(tiny_model))
+    tuned, _, _ = load_adapted(str(tiny_model), str(out), cfg)
+    tuned_logits = np.array(tuned(tokens))
+    assert np.abs(tuned_logits - np.array(base(tokens))).max() > 1e-4
+    with reference_mode(tuned):
+        np.testing.assert_allclose(np.array(tuned(tokens)), np.array(base(tokens)), atol=1e-5)
+    np.testing.assert_array_equal(np.array(tuned(tokens)), tuned_logits)
+    via_mlx_lm, _ = load(str(tiny_model), adapter_path=str(out))
+    np.testing.assert_allclose(np.array(via_mlx_lm(tokens)), tuned_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
+def test_other_optimizers_train(tiny_model, data_dir, tmp_path, optimizer):
+    cfg = _cfg(tiny_model, data_dir, tmp_path / optimizer, optimizer=optimizer, iters=2, anchor="none")
+    result = train(cfg, log=lambda s: None, progress=False)
+    assert result.after["rewards/accuracies"] >= 0.0
+    assert (tmp_path / optimizer / "adapters.safetensors").exists()

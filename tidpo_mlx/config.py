@@ -78,12 +78,17 @@ class Config:
     seed: int = _doc("Seed for LoRA init, batch order, sampling and random weights.", default=0)
 
     # training
-    fine_tune_type: Literal["lora"] = _doc("Only LoRA in this version.", default="lora")
+    fine_tune_type: Literal["lora", "full"] = _doc(
+        "lora, or full (every weight of the last num_layers blocks; reference = their original weights).",
+        default="lora",
+    )
     num_layers: int = _doc("LoRA on the last N transformer blocks (-1: all).", default=16)
     lora_parameters: LoRAParameters = _doc("rank, scale, dropout, keys.", default=LoRAParameters())
-    optimizer: Literal["adamw"] = _doc("Optimizer.", default="adamw")
+    optimizer: Literal["adamw", "rmsprop", "sgd", "adafactor"] = _doc(
+        "Optimizer (the released TI-DPO code uses rmsprop).", default="adamw"
+    )
     learning_rate: float = _doc("Peak learning rate.", default=5e-5)
-    weight_decay: float = _doc("AdamW weight decay.", default=0.0)
+    weight_decay: float = _doc("Weight decay (adamw, sgd).", default=0.0)
     lr_schedule: Literal["constant", "cosine", "linear"] = _doc(
         "Decay after warmup: constant, cosine or linear (to 0 at iters).", default="cosine"
     )
@@ -100,6 +105,10 @@ class Config:
     save_total_limit: int = _doc("Checkpoints kept (oldest removed first).", default=2)
     dequantize: Literal["auto", "true", "false"] = _doc(
         "Compute with the frozen base dequantized: auto = on CPU yes, on GPU no.", default="auto"
+    )
+    plain_attention: Literal["auto", "true", "false"] = _doc(
+        "Attention as plain ops that mx.compile shares between attribution and loss: auto = on CPU.",
+        default="auto",
     )
 
     # method (SPEC.md); the preset fills these, explicit keys win

@@ -9,6 +9,7 @@ works inside ``mx.compile``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from tidpo_mlx.config import Config
+from tidpo_mlx.config import ALL_LINEAR, Config, LoRAParameters
 
 
 class ModelError(ValueError):
@@ -57,8 +58,23 @@ def lora_layers(model: nn.Module) -> list[SwitchableLoRALinear]:
 
 
 @contextlib.contextmanager
-def adapters_off(model: nn.Module) -> Iterator[None]:
-    """Run the reference model ``ref``: the base with every adapter switched off."""
+def reference_mode(model: nn.Module) -> Iterator[None]:
+    """Run the reference model ``ref`` inside this block.
+
+    LoRA: the same module with every adapter switched off (one copy in
+    memory). Full fine-tuning: the trained blocks' original weights swapped in
+    (kept since :func:`attach_full`; arrays are immutable, so the copy costs
+    memory only once the weights have changed).
+    """
+    reference = model.__dict__.get("_reference_weights")
+    if reference is not None:
+        current = model.trainable_parameters()
+        model.update(tree_unflatten(list(reference.items())))
+        try:
+            yield
+        finally:
+            model.update(current)
+        return
     layers = lora_layers(model)
     for layer in layers:
         layer.enabled = False
@@ -129,13 +145,18 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
-def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, bool]:
-    """Load model + tokenizer with mlx-lm; return (model, tokenizer, dequantized?).
+def load_base(path: Path, dequantize: str = "auto", plain_attention: str = "auto") -> tuple[nn.Module, Any, list[str]]:
+    """Load model + tokenizer with mlx-lm; return (model, tokenizer, notes for the log).
 
     On the CPU, ``quantized_matmul`` is ~80x slower than an fp32 GEMM, so the
-    frozen base is dequantized to float32 there unless ``dequantize`` is false.
+    frozen base is dequantized to float32 there unless ``dequantize`` is
+    false; and attention runs as plain ops that ``mx.compile`` can share
+    between the attribution and the loss forward (``plain_attention.py``).
+    On a GPU both stay as they are unless forced.
     """
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+
+    from tidpo_mlx import plain_attention as plain
 
     config = _read_config(path)
     try:
@@ -143,14 +164,25 @@ def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, boo
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise ModelError(f"{path}: mlx-lm cannot load this model ({err})") from None
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    notes = []
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-    do_dequantize = quantized and (dequantize == "true" or (dequantize == "auto" and on_cpu()))
-    if do_dequantize:
+    if quantized and (dequantize == "true" or (dequantize == "auto" and on_cpu())):
         model = dequantize_model(model)
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())
+        notes.append("frozen base dequantized to float32 for compute (dequantize: false keeps it quantized)")
     check_embedding_input(model, str(path))
-    return model, tokenizer, do_dequantize
+    if plain_attention == "true" or (plain_attention == "auto" and on_cpu()):
+        swapped = plain.use_plain_attention(model)
+        if swapped:
+            diff = plain.max_logit_difference(model)
+            if diff > 1e-4:
+                plain.restore_fused_attention(model)
+                raise ModelError(f"{path}: plain-op attention differs from the fused one by {diff:.2e} of the logit scale")
+            notes.append(f"attention as plain ops in {swapped} blocks (CPU; logits match fused to {diff:.1e})")
+        elif plain_attention == "true":
+            raise ModelError(f"{path}: plain_attention: true, but no block of this model type supports it")
+    return model, tokenizer, notes
 
 
 def embed(model: nn.Module, tokens: mx.array) -> mx.array:
@@ -212,6 +244,29 @@ def attach_lora(model: nn.Module, cfg: Config) -> None:
         raise ModelError(f"lora_parameters.keys: no such linear module in the blocks: {', '.join(sorted(missing))}")
 
 
+def attach_full(model: nn.Module, cfg: Config) -> None:
+    """Make every parameter of the last ``num_layers`` blocks trainable (mlx-lm's full fine-tuning).
+
+    The original weights of those blocks are kept as the reference.
+    """
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        raise ModelError("fine_tune_type full needs an unquantized base: set 'dequantize: true'")
+    if cfg.num_layers > len(model.layers):
+        raise ModelError(f"num_layers={cfg.num_layers} but the model has {len(model.layers)} blocks")
+    model.freeze()
+    for block in model.layers if cfg.num_layers < 0 else model.layers[-cfg.num_layers:]:
+        block.unfreeze()
+    object.__setattr__(model, "_reference_weights", dict(tree_flatten(model.trainable_parameters())))
+
+
+def attach_trainable(model: nn.Module, cfg: Config) -> None:
+    """LoRA or full fine-tuning, as ``cfg.fine_tune_type`` says."""
+    if cfg.fine_tune_type == "full":
+        attach_full(model, cfg)
+    else:
+        attach_lora(model, cfg)
+
+
 def adapter_config(cfg: Config, model_path: Path) -> dict[str, Any]:
     """``adapter_config.json``: mlx-lm's keys (so ``--adapter-path`` loads it) plus the run's config."""
     from tidpo_mlx import builtin
@@ -219,7 +274,7 @@ def adapter_config(cfg: Config, model_path: Path) -> dict[str, Any]:
     hf_id = builtin.BUILTIN_MODELS[cfg.model].hf_id if cfg.model in builtin.BUILTIN_MODELS else cfg.model
     lp = cfg.lora_parameters
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": cfg.fine_tune_type,
         "num_layers": cfg.num_layers,
         "lora_parameters": {"rank": lp.rank, "scale": lp.scale, "dropout": lp.dropout, "keys": list(lp.keys)},
         "model": str(model_path),
@@ -255,7 +310,7 @@ def save_adapters(model: nn.Module, folder: Path, config: dict[str, Any]) -> Non
 
 
 def load_adapter_weights(model: nn.Module, file: str | Path) -> None:
-    """Load LoRA weights into an already LoRA-fied model, checking names and shapes."""
+    """Load adapter (or fully fine-tuned block) weights into a prepared model, checking names and shapes."""
     path = Path(file)
     if path.is_dir():
         path = path / "adapters.safetensors"
@@ -279,27 +334,35 @@ def load_adapter_weights(model: nn.Module, file: str | Path) -> None:
 
 
 def load_adapted(model_spec: str, adapter_path: str | None, cfg: Config) -> tuple[nn.Module, Any, Path]:
-    """Base model (+ adapters from ``adapter_path``, using that folder's LoRA settings)."""
+    """Base model, plus the adapters of ``adapter_path`` with that folder's own settings.
+
+    The reference stays the base without the adapters (LoRA off, or the
+    original weights for a full fine-tune).
+    """
     path = resolve_model(model_spec)
-    model, tokenizer, _ = load_base(path, cfg.dequantize)
+    dequantize = cfg.dequantize
+    saved = None
     if adapter_path is not None:
-        folder = Path(adapter_path)
-        cfg_file = folder / "adapter_config.json"
+        cfg_file = Path(adapter_path) / "adapter_config.json"
         if not cfg_file.exists():
-            raise ModelError(f"{folder}: no adapter_config.json")
+            raise ModelError(f"{adapter_path}: no adapter_config.json")
         saved = json.loads(cfg_file.read_text())
-        import dataclasses
-
-        from tidpo_mlx.config import LoRAParameters
-
-        lp = saved["lora_parameters"]
+        if saved.get("fine_tune_type", "lora") == "full":
+            dequantize = "true"
+    model, tokenizer, _ = load_base(path, dequantize, cfg.plain_attention)
+    if saved is not None:
+        lp = saved.get("lora_parameters") or {}
         adapter_cfg = dataclasses.replace(
             cfg,
+            fine_tune_type=saved.get("fine_tune_type", "lora"),
             num_layers=saved["num_layers"],
             lora_parameters=LoRAParameters(
-                rank=lp["rank"], scale=lp["scale"], dropout=lp.get("dropout", 0.0), keys=tuple(lp["keys"])
+                rank=lp.get("rank", 8),
+                scale=lp.get("scale", 20.0),
+                dropout=lp.get("dropout", 0.0),
+                keys=tuple(lp.get("keys") or ALL_LINEAR),
             ),
         )
-        attach_lora(model, adapter_cfg)
-        load_adapter_weights(model, folder)
+        attach_trainable(model, adapter_cfg)
+        load_adapter_weights(model, adapter_path)
     return model, tokenizer, path

@@ -2,7 +2,7 @@
 
 A batch stacks the chosen, rejected (and anchor) sequences of B pairs (see
 ``data.collate``). The policy and the reference run from the same input
-embeddings ``E``; the reference is the same model with its adapters off.
+embeddings ``E``; the reference is the same model in ``reference_mode``.
 Logits are computed only at the positions that predict response tokens.
 """
 
@@ -16,7 +16,7 @@ import mlx.nn as nn
 from tidpo_mlx import losses
 from tidpo_mlx.config import Config
 from tidpo_mlx.importance import attribution, response_weights, span_weights, weights_entropy
-from tidpo_mlx.models import adapters_off, embed, hidden_states, project
+from tidpo_mlx.models import embed, hidden_states, project, reference_mode
 
 
 def response_logprobs(
@@ -84,7 +84,7 @@ def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -
 
     aux: dict[str, mx.array] = {}
     if cfg.uses_reference:
-        with adapters_off(model):
+        with reference_mode(model):
             ref_logp, ref_full = response_logprobs(model, e, batch, full=need_kl)
         ref_logp = mx.stop_gradient(ref_logp)
         rho = logp - ref_logp

@@ -28,10 +28,10 @@ from tidpo_mlx.data import Dataset, Example, PairEncoder, collate, eval_batches,
 from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb, preference_metrics
 from tidpo_mlx.models import (
     adapter_config,
-    adapters_off,
+    reference_mode,
     atomic_save_safetensors,
     atomic_write_text,
-    attach_lora,
+    attach_trainable,
     embed,
     load_adapter_weights,
     load_base,
@@ -80,8 +80,15 @@ def learning_rate_schedule(cfg: Config) -> Callable[[mx.array], mx.array]:
 
 
 def build_optimizer(cfg: Config) -> optim.Optimizer:
-    """AdamW with the configured schedule."""
-    return optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
+    """The configured optimizer with the configured schedule (MLX's defaults otherwise)."""
+    lr = learning_rate_schedule(cfg)
+    if cfg.optimizer == "rmsprop":
+        return optim.RMSprop(learning_rate=lr)
+    if cfg.optimizer == "sgd":
+        return optim.SGD(learning_rate=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        return optim.Adafactor(learning_rate=lr, relative_step=False, scale_parameter=False)
+    return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
 
 
 def micro_seed(seed: int, micro: int) -> int:
@@ -103,7 +110,7 @@ class HeldOut:
         self._policy = mx.compile(self._sums, inputs=[model.state])
         self.ref = None
         if cfg.uses_reference:
-            with adapters_off(model):
+            with reference_mode(model):
                 self.ref = self._run(self._sums)
 
     def _sums(self, batch: dict[str, mx.array]) -> mx.array:
@@ -172,8 +179,9 @@ def compile_steps(model: nn.Module, cfg: Config, opt: optim.Optimizer) -> tuple[
     ``max_grad_norm`` and applies the optimizer.
     """
     value_and_grad = nn.value_and_grad(model, lambda batch: batch_objective(model, cfg, batch))
+    reference = model.__dict__.get("_reference_weights", {})
 
-    @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
+    @partial(mx.compile, inputs=[model.state, mx.random.state, reference], outputs=[model.state, mx.random.state])
     def grad_step(batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array], Any]:
         (loss, aux), grads = value_and_grad(batch)
         return loss, aux, grads
@@ -208,8 +216,11 @@ def train(
     mx.random.seed(cfg.seed)
 
     model_path = resolve_model(cfg.model)
-    model, tokenizer, dequantized = load_base(model_path, cfg.dequantize)
-    log(f"model: {cfg.model} -> {model_path}" + (" (frozen base dequantized to float32 for CPU compute)" if dequantized else ""))
+    dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
+    model, tokenizer, notes = load_base(model_path, dequantize, cfg.plain_attention)
+    log(f"model: {cfg.model} -> {model_path}")
+    for note in notes:
+        log(f"  {note}")
     data: Dataset = load_dataset(cfg.data, tokenizer, cfg)
     log(
         f"data: {cfg.data}: {len(data.train)} train, {len(data.valid)} valid pairs; "
@@ -218,7 +229,7 @@ def train(
     encoder = PairEncoder(tokenizer, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    attach_lora(model, cfg)
+    attach_trainable(model, cfg)
     if cfg.resume_adapter_file:
         load_adapter_weights(model, cfg.resume_adapter_file)
     if cfg.grad_checkpoint:
@@ -232,7 +243,7 @@ def train(
     config = adapter_config(cfg, model_path)
     metrics_log = MetricsLog(out / "metrics.jsonl", keep_until=start if resume else None)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    log(f"trainable: {n_train / 1e6:.3f} M LoRA parameters; start at step {start} of {cfg.iters}")
+    log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}")
 
     held_out = HeldOut(model, cfg, data.valid, pad_id)
     before = None
