@@ -159,3 +159,19 @@ def test_other_optimizers_train(tiny_model, data_dir, tmp_path, optimizer):
     result = train(cfg, log=lambda s: None, progress=False)
     assert result.after["rewards/accuracies"] >= 0.0
     assert (tmp_path / optimizer / "adapters.safetensors").exists()
+
+
+def test_amortised_anchors_sample_once_per_block(tiny_model, data_dir, tmp_path, monkeypatch):
+    from tidpo_mlx import anchors as anchors_module
+
+    calls = []
+    real = anchors_module.sample_anchors
+
+    def counting(model, tokenizer, encoder, examples, cfg, seed):
+        calls.append(len(examples))
+        return real(model, tokenizer, encoder, examples, cfg, seed)
+
+    monkeypatch.setattr(anchors_module, "sample_anchors", counting)
+    cfg = _cfg(tiny_model, data_dir, tmp_path / "am", iters=4, anchor_every=2)
+    train(cfg, log=lambda s: None, progress=False)
+    assert calls == [4, 4]

@@ -142,6 +142,11 @@ class Config:
     anchor_top_p: float = _doc("Anchor sampling top-p.", default=0.95)
     anchor_top_k: int = _doc("Anchor sampling top-k.", default=50)
     anchor_max_tokens: int = _doc("Anchor sampling: max new tokens.", default=64)
+    anchor_every: int = _doc(
+        "1: a fresh anchor every step (released code); K > 1: anchors for the next K steps "
+        "sampled in one batched call (amortised; resume is exact when steps_per_save is a multiple of K).",
+        default=1,
+    )
 
     @property
     def uses_reference(self) -> bool:
@@ -262,6 +267,8 @@ def _validate(cfg: Config, where: str) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{where}: '{key}' must be > 0")
+    if cfg.anchor_every < 1 or cfg.anchor_max_tokens < 1:
+        raise ConfigError(f"{where}: 'anchor_every' and 'anchor_max_tokens' must be >= 1")
     if cfg.iters < 0 or cfg.warmup_steps < 0:
         raise ConfigError(f"{where}: 'iters' and 'warmup_steps' must be >= 0")
     if cfg.max_prompt_length >= cfg.max_length:

@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from tidpo_mlx.anchors import anchor_seed, sample_anchors
+from tidpo_mlx.anchors import AnchorSource
 from tidpo_mlx.config import Config, save_config
 from tidpo_mlx.data import Dataset, Example, PairEncoder, collate, eval_batches, iterate_batches, load_dataset
 from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb, preference_metrics
@@ -258,6 +258,12 @@ def train(
 
     accum = cfg.grad_accumulation_steps
     batches = iterate_batches(data.train, cfg.batch_size, cfg.seed, start=start * accum)
+
+    def upcoming(micro: int, count: int) -> list[list[Example]]:
+        ahead = iterate_batches(data.train, cfg.batch_size, cfg.seed, start=micro)
+        return [next(ahead) for _ in range(count)]
+
+    anchor_source = AnchorSource(model, tokenizer, encoder, cfg, upcoming)
     bar = _progress(cfg.iters, start, progress)
     t_train = time.perf_counter()
     for step in range(start + 1, cfg.iters + 1):
@@ -269,8 +275,7 @@ def train(
             sources.append(f"{examples[0].source}..")
             anchors = None
             if cfg.uses_triplet and cfg.anchor == "sample":
-                seed = anchor_seed(cfg.seed, step, examples[0].index)
-                anchors = sample_anchors(model, tokenizer, encoder, examples, cfg, seed)
+                anchors = anchor_source.for_batch(step, micro, examples)
             mx.random.seed(micro_seed(cfg.seed, micro))
             loss, aux, g = grad_step(to_mx(collate(examples, pad_id, anchors)))
             mx.eval(loss, aux, g)
