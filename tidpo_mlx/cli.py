@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
 
 import click
+import yaml
 
 from tidpo_mlx.config import Config, ConfigError, LoRAParameters
 
@@ -72,21 +73,28 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --adapter-path.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--export-peft", default=None, help="Also write the adapters as a PEFT folder here at the end.")
 @config_options
-def train(recipe: str | None, resume: bool, debug: bool, quiet: bool, **overrides: Any) -> None:
+def train(recipe: str | None, resume: bool, debug: bool, quiet: bool, export_peft: str | None, **overrides: Any) -> None:
     """Train LoRA adapters with TI-DPO (or a baseline) on preference pairs."""
     from tidpo_mlx.config import load_config
     from tidpo_mlx.trainer import train as run_train
 
     def job() -> None:
         cfg = load_config(recipe, overrides)
-        click.echo(f"recipe: {recipe or 'quickstart'}; preset {cfg.preset}: loss_type {cfg.loss_type}, "
-                   f"weighting {cfg.weighting}, beta {cfg.beta}, gamma {cfg.gamma}")
+        if export_peft and cfg.fine_tune_type != "lora":
+            raise ValueError("--export-peft needs fine_tune_type lora")
+        click.echo(f"recipe: {recipe or 'quickstart'}; resolved config:")
+        click.echo("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=200).strip().replace("\n", "\n  "))
         result = run_train(cfg, resume=resume, log=click.echo, progress=not quiet)
         click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapters in {result.adapter_path}")
         if result.before:
             for key in ("policy_preference_accuracy", "rewards/accuracies"):
                 click.echo(f"  held-out {key}: {result.before[key]:.3f} -> {result.after[key]:.3f}")
+        if export_peft:
+            from tidpo_mlx.convert.peft import to_peft
+
+            click.echo(f"PEFT adapter: {to_peft(result.adapter_path, export_peft)}")
         click.echo("generate with:")
         click.echo(
             f"  mlx_lm.generate --model {result.model_path} --adapter-path {result.adapter_path} "
