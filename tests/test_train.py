@@ -167,11 +167,29 @@ def test_amortised_anchors_sample_once_per_block(tiny_model, data_dir, tmp_path,
     calls = []
     real = anchors_module.sample_anchors
 
-    def counting(model, tokenizer, encoder, examples, cfg, seed):
+    def counting(model, tokenizer, encoder, examples, cfg, step):
         calls.append(len(examples))
-        return real(model, tokenizer, encoder, examples, cfg, seed)
+        return real(model, tokenizer, encoder, examples, cfg, step)
 
     monkeypatch.setattr(anchors_module, "sample_anchors", counting)
     cfg = _cfg(tiny_model, data_dir, tmp_path / "am", iters=4, anchor_every=2)
     train(cfg, log=lambda s: None, progress=False)
     assert calls == [4, 4]
+
+
+def test_anchor_draw_depends_on_pair_not_batch(tiny_model, data_dir):
+    from tidpo_mlx.anchors import sample_anchors
+    from tidpo_mlx.data import PairEncoder, load_dataset
+    from tidpo_mlx.models import load_base
+
+    cfg = _cfg(tiny_model, data_dir, "unused", anchor_max_tokens=12, anchor_temperature=1.5, anchor_top_k=0,
+               anchor_top_p=1.0)
+    model, tok, _ = load_base(tiny_model)
+    data = load_dataset(str(data_dir), tok, cfg)
+    enc = PairEncoder(tok, cfg)
+    pairs = data.train[:4]
+    together = sample_anchors(model, tok, enc, pairs, cfg, step=3)
+    alone = [sample_anchors(model, tok, enc, [p], cfg, step=3)[0] for p in reversed(pairs)][::-1]
+    assert together == alone
+    assert sample_anchors(model, tok, enc, pairs, cfg, step=4) != together
+    assert len({tuple(a) for a in together}) > 1

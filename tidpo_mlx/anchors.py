@@ -16,16 +16,39 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import batch_generate
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example, PairEncoder
 
 
-def anchor_seed(seed: int, step: int, first_index: int) -> int:
-    """Seed of one sampling call, derived from the run seed, the step and the batch's first pair."""
-    return (seed * 1_000_003 + step * 10_007 + first_index) % (2**31)
+def anchor_seed(seed: int, step: int, pair_index: int) -> int:
+    """Seed of one pair's anchor at one step: a function of the run seed, the step and the pair's
+    global index, so the draw does not depend on which rank or batch holds the pair."""
+    return (seed * 1_000_003 + step * 10_007 + pair_index * 7_919) % (2**31)
+
+
+def keyed_sampler(cfg: Config, seed: int) -> Callable[[mx.array], mx.array]:
+    """The released sampler (temperature, top-p, top-k) with its own random key per pair.
+
+    Token ``t`` of the pair is drawn with the key ``(seed, t)``; mlx-lm's
+    filters do the top-p / top-k work.
+    """
+    counter = [0]
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        if 0 < cfg.anchor_top_p < 1.0:
+            logprobs = apply_top_p(logprobs, cfg.anchor_top_p)
+        if cfg.anchor_top_k > 0:
+            logprobs = apply_top_k(logprobs, cfg.anchor_top_k)
+        key = mx.random.key((seed + 104_729 * counter[0]) % (2**31))
+        counter[0] += 1
+        if cfg.anchor_temperature == 0:
+            return mx.argmax(logprobs, axis=-1)
+        return mx.random.categorical(logprobs * (1.0 / cfg.anchor_temperature), key=key)
+
+    return sampler
 
 
 def sample_anchors(
@@ -34,31 +57,36 @@ def sample_anchors(
     encoder: PairEncoder,
     examples: Sequence[Example],
     cfg: Config,
-    seed: int,
+    step: int,
 ) -> list[list[int]]:
     """One anchor per pair: a data-provided ``anchor`` wins, the others are sampled from the policy.
 
-    The model is put in eval mode (no dropout) with its adapters on, i.e. the
-    current policy, and restored to its previous mode afterwards.
+    Sampling is batched (mlx-lm's BatchGenerator) with one keyed sampler per
+    pair, seeded by :func:`anchor_seed`. The model is put in eval mode (no
+    dropout) with its adapters on, i.e. the current policy, and restored.
     """
     todo = [i for i, e in enumerate(examples) if e.anchor is None]
     anchors = [e.anchor for e in examples]
-    if todo:
-        training = model.training
-        model.eval()
-        mx.random.seed(seed)
-        sampler = make_sampler(temp=cfg.anchor_temperature, top_p=cfg.anchor_top_p, top_k=cfg.anchor_top_k)
-        result = batch_generate(
-            model,
-            tokenizer,
-            [examples[i].prompt for i in todo],
-            max_tokens=cfg.anchor_max_tokens,
-            sampler=sampler,
-        )
-        model.train(training)
-        for i, text in zip(todo, result.texts):
-            ex = examples[i]
-            anchors[i] = encoder.encode_response(ex.source, "anchor", ex.messages, ex.prompt, text)[0]
+    if not todo:
+        return anchors
+    training = model.training
+    model.eval()
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], max_tokens=cfg.anchor_max_tokens)
+    uids = gen.insert(
+        [examples[i].prompt for i in todo],
+        samplers=[keyed_sampler(cfg, anchor_seed(cfg.seed, step, examples[i].index)) for i in todo],
+    )
+    tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+    while responses := gen.next_generated():
+        for r in responses:
+            if r.finish_reason != "stop":
+                tokens[r.uid].append(r.token)
+    gen.close()
+    model.train(training)
+    for i, uid in zip(todo, uids):
+        ex = examples[i]
+        text = tokenizer.decode(tokens[uid])
+        anchors[i] = encoder.encode_response(ex.source, "anchor", ex.messages, ex.prompt, text)[0]
     return anchors
 
 
@@ -81,14 +109,11 @@ class AnchorSource:
         """Anchor tokens for ``examples``, the micro-batch number ``micro`` of optimizer step ``step``."""
         cfg = self.cfg
         if cfg.anchor_every == 1:
-            seed = anchor_seed(cfg.seed, step, examples[0].index)
-            return sample_anchors(self.model, self.tokenizer, self.encoder, examples, cfg, seed)
+            return sample_anchors(self.model, self.tokenizer, self.encoder, examples, cfg, step)
         if (step - 1) % cfg.anchor_every == 0 and micro % cfg.grad_accumulation_steps == 0 or not self.cache:
             left = cfg.anchor_every - (step - 1) % cfg.anchor_every
             block = [e for batch in self.upcoming(micro, left * cfg.grad_accumulation_steps) for e in batch]
             unique = list({e.index: e for e in block}.values())
-            tokens = sample_anchors(
-                self.model, self.tokenizer, self.encoder, unique, cfg, anchor_seed(cfg.seed, step, 0)
-            )
+            tokens = sample_anchors(self.model, self.tokenizer, self.encoder, unique, cfg, step)
             self.cache = {e.index: t for e, t in zip(unique, tokens)}
         return [self.cache[e.index] for e in examples]
