@@ -59,6 +59,11 @@ def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
         if debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        import mlx.core as mx
+
+        world = mx.distributed.init()
+        if world.size() > 1:
+            message = f"rank {world.rank()}: {message}"
         raise click.ClickException(message) from None
 
 

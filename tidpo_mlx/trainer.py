@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from tidpo_mlx.anchors import AnchorSource
@@ -99,14 +100,16 @@ def micro_seed(seed: int, micro: int) -> int:
 class HeldOut:
     """Held-out metrics from summed response log-probs; reference log-probs computed once."""
 
-    def __init__(self, model: nn.Module, cfg: Config, examples: list[Example], pad_id: int):
+    def __init__(self, model: nn.Module, cfg: Config, examples: list[Example], pad_id: int, world: Any):
         self.model = model
         self.cfg = cfg
-        self.batches = [
-            (to_mx(collate(b, pad_id)), len(b))
-            for b in eval_batches(examples, 2 * cfg.batch_size, cfg.val_batches)
-        ]
-        self.pairs = sum(n for _, n in self.batches)
+        self.world = world
+        self.batches = []
+        self.pairs = 0
+        for k, b in enumerate(eval_batches(examples, 2 * cfg.batch_size, cfg.val_batches)):
+            if k % world.size() == world.rank():
+                self.batches.append((to_mx(collate(b, pad_id)), np.arange(self.pairs, self.pairs + len(b))))
+            self.pairs += len(b)
         self._policy = mx.compile(self._sums, inputs=[model.state])
         self.ref = None
         if cfg.uses_reference:
@@ -118,15 +121,18 @@ class HeldOut:
         return logp.sum(axis=-1)
 
     def _run(self, fn: Callable[[dict[str, mx.array]], mx.array]) -> tuple[np.ndarray, np.ndarray]:
+        """Summed log-probs of every held-out pair (each rank does its batches, then all_sum)."""
         training = self.model.training
         self.model.eval()
-        chosen, rejected = [], []
-        for batch, b in self.batches:
-            sums = np.array(fn(batch))
-            chosen.append(sums[:b])
-            rejected.append(sums[b:])
+        sums = np.zeros((2, self.pairs), dtype=np.float32)
+        for batch, positions in self.batches:
+            values = np.array(fn(batch))
+            sums[0, positions] = values[: len(positions)]
+            sums[1, positions] = values[len(positions):]
         self.model.train(training)
-        return np.concatenate(chosen), np.concatenate(rejected)
+        if self.world.size() > 1:
+            sums = np.array(mx.distributed.all_sum(mx.array(sums), stream=mx.cpu))
+        return sums[0], sums[1]
 
     def __call__(self) -> dict[str, float]:
         chosen, rejected = self._run(self._policy)
@@ -160,15 +166,35 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: optim.Optimizer
     return final
 
 
-def restore_checkpoint(out: Path, model: nn.Module, opt: optim.Optimizer) -> int:
-    """Load the newest checkpoint into ``model`` and ``opt``; return its step."""
-    found = checkpoint_dirs(out)
-    if not found:
-        raise TrainingError(f"{out}: --resume given but there is no checkpoint in {out / CHECKPOINTS}")
-    last = found[-1]
-    load_adapter_weights(model, last)
-    opt.state = tree_unflatten(list(mx.load(str(last / "optimizer.safetensors")).items()))
-    return int(json.loads((last / "state.json").read_text())["step"])
+def restore_checkpoint(out: Path, model: nn.Module, opt: optim.Optimizer, world: Any) -> int:
+    """Load the newest checkpoint into ``model`` and ``opt``; return its step.
+
+    Rank 0 reads the files and broadcasts weights, optimizer state and step
+    (an ``all_sum`` with zeros elsewhere), so other machines need no copy.
+    """
+    step = mx.array(0)
+    if world.rank() == 0:
+        found = checkpoint_dirs(out)
+        if not found:
+            raise TrainingError(f"{out}: --resume given but there is no checkpoint in {out / CHECKPOINTS}")
+        last = found[-1]
+        load_adapter_weights(model, last)
+        opt.state = tree_unflatten(list(mx.load(str(last / "optimizer.safetensors")).items()))
+        step = mx.array(int(json.loads((last / "state.json").read_text())["step"]))
+    if world.size() > 1:
+        def share(tree: Any) -> Any:
+            """Rank 0's values everywhere, in a key order every rank agrees on."""
+            flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
+            return tree_unflatten([
+                (k, mx.distributed.all_sum(v if world.rank() == 0 else mx.zeros_like(v), stream=mx.cpu))
+                for k, v in flat
+            ])
+
+        model.update(share(model.trainable_parameters()))
+        opt.state = share(opt.state)
+        step = share({"step": step})["step"]
+        mx.eval(model.parameters(), opt.state)
+    return int(step.item())
 
 
 def compile_steps(model: nn.Module, cfg: Config, opt: optim.Optimizer) -> tuple[Callable, Callable]:
@@ -211,8 +237,16 @@ def train(
     ``on_step(step, metrics)`` is called after every optimizer step (before
     that step's eval and checkpoint), like mlx-lm's training callback.
     """
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    if cfg.batch_size % size:
+        raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {size} ranks")
+    lead = rank == 0
+    if not lead:
+        log, progress = (lambda message: None), False
     out = Path(cfg.adapter_path)
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(cfg.seed)
 
     model_path = resolve_model(cfg.model)
@@ -238,37 +272,45 @@ def train(
         grad_checkpoint(model.layers[0])
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    start = restore_checkpoint(out, model, opt) if resume else 0
-    save_config(cfg, out / "config.yaml")
+    start = restore_checkpoint(out, model, opt, world) if resume else 0
     config = adapter_config(cfg, model_path)
-    metrics_log = MetricsLog(out / "metrics.jsonl", keep_until=start if resume else None)
+    metrics_log = None
+    if lead:
+        save_config(cfg, out / "config.yaml")
+        metrics_log = MetricsLog(out / "metrics.jsonl", keep_until=start if resume else None)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}")
+    if size > 1:
+        log(f"distributed: {size} ranks, each {cfg.batch_size // size} of the {cfg.batch_size} pairs of a batch")
 
-    held_out = HeldOut(model, cfg, data.valid, pad_id)
+    def write(record: dict[str, Any]) -> None:
+        if metrics_log is not None:
+            metrics_log.write(record)
+
+    held_out = HeldOut(model, cfg, data.valid, pad_id, world)
     before = None
     if start == 0:
         t = time.perf_counter()
         before = held_out()
         log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
-        metrics_log.write({"step": 0, "split": "valid", **before})
+        write({"step": 0, "split": "valid", **before})
 
     model.train()
     grad_step, apply_step = compile_steps(model, cfg, opt)
 
     accum = cfg.grad_accumulation_steps
-    batches = iterate_batches(data.train, cfg.batch_size, cfg.seed, start=start * accum)
+    batches = (b[rank::size] for b in iterate_batches(data.train, cfg.batch_size, cfg.seed, start=start * accum))
 
     def upcoming(micro: int, count: int) -> list[list[Example]]:
         ahead = iterate_batches(data.train, cfg.batch_size, cfg.seed, start=micro)
-        return [next(ahead) for _ in range(count)]
+        return [next(ahead)[rank::size] for _ in range(count)]
 
     anchor_source = AnchorSource(model, tokenizer, encoder, cfg, upcoming)
     bar = _progress(cfg.iters, start, progress)
     t_train = time.perf_counter()
     for step in range(start + 1, cfg.iters + 1):
         tic = time.perf_counter()
-        grads, records, ntoks, sources = None, [], 0.0, []
+        grads, pairs, ntoks, sources = None, [], mx.array(0.0), []
         for j in range(accum):
             micro = (step - 1) * accum + j
             examples = next(batches)
@@ -280,12 +322,16 @@ def train(
             loss, aux, g = grad_step(to_mx(collate(examples, pad_id, anchors)))
             mx.eval(loss, aux, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            records.append(pair_metrics({k: v for k, v in aux.items() if k != "ntoks"}))
-            ntoks += aux["ntoks"].item()
-        if accum > 1:
-            grads = tree_map(lambda x: x / accum, grads)
+            ntoks = ntoks + aux.pop("ntoks")
+            pairs.append(aux)
+        grads = tree_map(lambda x: x / accum, grads) if accum > 1 else grads
+        per_pair = {k: mx.concatenate([a[k] for a in pairs]) for k in pairs[0]}
+        if size > 1:
+            grads = average_gradients(grads)
+            per_pair = {k: mx.distributed.all_gather(v, stream=mx.cpu) for k, v in per_pair.items()}
+            ntoks = mx.distributed.all_sum(ntoks, stream=mx.cpu)
         norm = _global_norm(grads).item()
-        record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+        record = pair_metrics(per_pair)
         if not (all_finite(record) and math.isfinite(norm)):
             last = checkpoint_dirs(out)
             kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written"
@@ -297,8 +343,10 @@ def train(
         mx.eval(model.parameters(), opt.state)
         lr = opt.learning_rate.item()
         dt = time.perf_counter() - tic
-        record.update(step=step, grad_norm=norm, lr=lr, tokens_per_s=ntoks / dt, step_time=dt, peak_memory_gb=peak_memory_gb())
-        metrics_log.write(record)
+        record.update(
+            step=step, grad_norm=norm, lr=lr, tokens_per_s=ntoks.item() / dt, step_time=dt, peak_memory_gb=peak_memory_gb()
+        )
+        write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -306,18 +354,20 @@ def train(
             on_step(step, record)
         if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
             val = held_out()
-            metrics_log.write({"step": step, "split": "valid", **val})
+            write({"step": step, "split": "valid", **val})
             log(f"step {step} held-out: {_fmt(val)}")
-        if (cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters:
+        if lead and ((cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters):
             save_checkpoint(out, step, model, opt, config, cfg.save_total_limit)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_train
-    save_adapters(model, out, config)
     after = held_out()
-    metrics_log.write({"step": cfg.iters, "split": "valid", **after})
+    write({"step": cfg.iters, "split": "valid", **after})
     log(f"held-out after: {_fmt(after)}")
-    atomic_write_text(out / "summary.json", json.dumps({"before": before, "after": after, "train_seconds": seconds}, indent=2))
+    if lead:
+        save_adapters(model, out, config)
+        summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": size}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return TrainResult(out, model_path, cfg.iters, seconds, before, after)
 
 
