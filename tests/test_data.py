@@ -54,7 +54,7 @@ def test_conversational_form_and_system(tok):
 def test_collate_masks(tok):
     ex = [encoder(tok).encode_row(i, f"t:{i}", PAIR) for i in range(2)]
     b = collate(ex, pad_id=0, anchors=[ex[0].chosen, ex[1].rejected])
-    assert b["tokens"].shape[0] == 6 and b["tokens"].shape[1] % 16 == 0
+    assert b["tokens"].shape[0] == 6 and b["tokens"].shape[1] % 32 == 0
     for i in range(6):
         n = int(b["resp_mask"][i].sum())
         p = len(ex[0].prompt)

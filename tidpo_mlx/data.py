@@ -287,7 +287,7 @@ def collate(
     examples: Sequence[Example],
     pad_id: int,
     anchors: Sequence[list[int]] | None = None,
-    pad_multiple: int = 16,
+    pad_multiple: int = 32,
 ) -> dict[str, np.ndarray]:
     """Right-padded arrays for chosen, rejected (and anchor) sequences, stacked in that order.
 
@@ -295,7 +295,9 @@ def collate(
     (N, L: response tokens), ``resp_pos`` (N, R: position of response token r),
     ``resp_mask`` (N, R), ``last`` (N: last real position) and ``pair_index``
     (B: the pairs' positions in their file), with N = 2B (3B with anchors). Masks are inputs, not constants, so compiled graphs can
-    share them between the attribution and the loss forward.
+    share them between the attribution and the loss forward. Lengths are
+    rounded up (L to ``pad_multiple``, R to half of it) so compiled steps see
+    few distinct shapes: each new shape costs a trace of the whole model.
     """
     groups = [[e.chosen for e in examples], [e.rejected for e in examples]]
     if anchors is not None:
@@ -304,7 +306,7 @@ def collate(
     responses = [r for g in groups for r in g]
     n = len(responses)
     L = _round_up(max(len(p) + len(r) for p, r in zip(prompts, responses)), pad_multiple)
-    R = _round_up(max(len(r) for r in responses), 8)
+    R = _round_up(max(len(r) for r in responses), pad_multiple // 2)
     tokens = np.full((n, L), pad_id, dtype=np.int32)
     seq_mask = np.zeros((n, L), dtype=np.float32)
     resp_span = np.zeros((n, L), dtype=np.float32)

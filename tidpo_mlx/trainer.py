@@ -98,7 +98,11 @@ def micro_seed(seed: int, micro: int) -> int:
 
 
 class HeldOut:
-    """Held-out metrics from summed response log-probs; reference log-probs computed once."""
+    """Held-out metrics from summed response log-probs; reference log-probs computed once.
+
+    Not compiled: held-out batches come in many lengths, and tracing the model
+    once per shape costs more than the compiled forward saves.
+    """
 
     def __init__(self, model: nn.Module, cfg: Config, examples: list[Example], pad_id: int, world: Any):
         self.model = model
@@ -110,7 +114,6 @@ class HeldOut:
             if k % world.size() == world.rank():
                 self.batches.append((to_mx(collate(b, pad_id)), np.arange(self.pairs, self.pairs + len(b))))
             self.pairs += len(b)
-        self._policy = mx.compile(self._sums, inputs=[model.state])
         self.ref = None
         if cfg.uses_reference:
             with reference_mode(model):
@@ -135,7 +138,7 @@ class HeldOut:
         return sums[0], sums[1]
 
     def __call__(self) -> dict[str, float]:
-        chosen, rejected = self._run(self._policy)
+        chosen, rejected = self._run(self._sums)
         ref = self.ref or (None, None)
         beta = self.cfg.beta
         return preference_metrics(chosen, rejected, ref[0], ref[1], beta)
