@@ -1,21 +1,265 @@
-"""``tidpo-mlx eval``, ``importance`` and ``experiment`` (placeholder while being written)."""
+"""``tidpo-mlx eval``, ``importance`` and ``experiment``.
+
+``eval`` and ``importance`` take a recipe (``-c``, default quickstart) plus
+flags for the method keys (``--preset``, ``--loss-type``, ``--weighting``,
+``--lam``, ...), load the model with optional adapters and never train.
+Errors print one line and exit 1 (``--debug``: the traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import click
 
+from tidpo_mlx.config import Config
+
+# Config keys that change what eval/importance compute (training-only keys are left out)
+METHOD_KEYS = [
+    "preset", "loss_type", "weighting", "beta", "alpha", "lam", "sigma_div", "weight_span", "weight_norm",
+    "gamma", "triplet_margin", "label_smoothing", "simpo_beta", "simpo_gamma", "anchor", "anchor_temperature",
+    "anchor_top_p", "anchor_top_k", "anchor_max_tokens", "chat_template", "max_length", "max_prompt_length",
+    "seed", "dequantize",
+]
+
+
+def method_options(func: Callable) -> Callable:
+    """One flag per method key of the Config (same names as ``train``'s)."""
+    hints = typing.get_type_hints(Config)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in reversed(METHOD_KEYS):
+        f, hint = fields[name], hints[name]
+        flag = "--" + name.replace("_", "-")
+        text = f"{f.metadata['help']} [recipe default]"
+        if typing.get_origin(hint) is Literal:
+            opt = click.option(flag, name, type=click.Choice([str(a) for a in typing.get_args(hint)]), default=None, help=text)
+        else:
+            opt = click.option(flag, name, type={int: int, float: float}.get(hint, str), default=None, help=text)
+        func = opt(func)
+    return func
+
+
+def _common(func: Callable) -> Callable:
+    opts = [
+        click.option("--model", default=None, help="Model (built-in name, HF id, folder, .gguf). [default: the recipe's]"),
+        click.option("--adapter-path", default=None, help="Adapter folder to load (adapters.safetensors + adapter_config.json); without it the base model."),
+        click.option("--data", required=True, help="JSONL file of pairs (a data folder or bundled dataset name: its valid.jsonl)."),
+        click.option("-c", "--config", "recipe", default=None, help="Recipe YAML (path or bundled name). [default: quickstart]"),
+        click.option("--batch-size", type=int, default=None, help="Pairs per forward batch. [default: the recipe's batch_size]"),
+        click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _load(recipe: str | None, model: str | None, adapter_path: str | None, overrides: dict[str, Any]):
+    from tidpo_mlx.config import load_config
+    from tidpo_mlx.models import load_adapted
+
+    cfg = load_config(recipe, {**overrides, "model": model})
+    model_obj, tokenizer, path = load_adapted(cfg.model, adapter_path, cfg)
+    return cfg, model_obj, tokenizer, path
+
+
+def _write_jsonl(target: str, records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text, encoding="utf-8")
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled or total < 2:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="pair", dynamic_ncols=True, leave=False)
+
 
 @click.command()
-def eval_command() -> None:
-    """Per-pair loss of a recipe on a data file, without training."""
-    raise click.ClickException("not yet available")
+@_common
+@click.option("-o", "--output", default=None, help="Write one JSON object per pair here ('-': stdout, the summary then goes to stderr).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@method_options
+def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, quiet, **overrides) -> None:
+    """Per-pair loss of a recipe on a data file, without training.
+
+    Runs the recipe's objective (the function training differentiates) on
+    every pair with the model in eval mode. Per pair: index, loss, loss_pref,
+    loss_triplet, reward_chosen, reward_rejected (beta * sum rho, unweighted),
+    weighted_margin (m_w - m_l), logp_chosen, logp_rejected, and kl_chosen,
+    kl_rejected for tdpo losses. Triplet anchors: the pair's 'anchor' field,
+    else sampled from the policy, seeded from the pair index.
+    """
+    from tidpo_mlx.cli import run_guarded
+
+    def job() -> None:
+        from tidpo_mlx.evaluate import anchors_needed, evaluate_pairs, load_pairs, summarize
+
+        cfg, m, tok, _ = _load(recipe, model, adapter_path, overrides)
+        pairs = load_pairs(data, tok, cfg)
+        echo = (lambda s: click.echo(s, err=True)) if output == "-" else click.echo
+        sampled = sum(e.anchor is None for e in pairs.examples) if anchors_needed(cfg) else 0
+        if anchors_needed(cfg):
+            anchors = f"{len(pairs.examples) - sampled} from the data, {sampled} sampled from the policy"
+        else:
+            anchors = "none (triplet term off)"
+        echo(f"eval: {len(pairs.examples)} pairs of {pairs.path}; model {cfg.model}"
+             + (f" + adapters {adapter_path}" if adapter_path else " (no adapters: policy = reference, rewards 0)"))
+        echo(f"recipe {recipe or 'quickstart'}: preset {cfg.preset}, loss_type {cfg.loss_type}, weighting "
+             f"{cfg.weighting}, beta {cfg.beta:g}, gamma {cfg.gamma:g}; anchors: {anchors}")
+        bar = _bar(len(pairs.examples), not quiet)
+        records = evaluate_pairs(m, tok, cfg, pairs, batch_size or cfg.batch_size,
+                                 progress=bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        if output:
+            _write_jsonl(output, records)
+        s = summarize(records)
+        echo(f"pairs {s['pairs']}")
+        echo(f"mean loss {s['loss']:.4f} (pref {s['loss_pref']:.4f}, triplet {s['loss_triplet']:.4f})")
+        echo(f"reward accuracy {s['reward_accuracy']:.3f}, policy preference accuracy {s['policy_preference_accuracy']:.3f}")
+        echo(f"mean reward margin {s['reward_margin']:.4f}, mean weighted margin {s['weighted_margin']:.4f}")
+        if "kl_chosen" in s:
+            echo(f"mean KL chosen {s['kl_chosen']:.4f}, rejected {s['kl_rejected']:.4f}")
+        if output and output != "-":
+            echo(f"per-pair results: {output}")
+
+    run_guarded(debug, job)
 
 
 @click.command()
-def importance_command() -> None:
-    """Per-token attribution, prior and weights of pairs."""
-    raise click.ClickException("not yet available")
+@_common
+@click.option("-o", "--output", default=None, help="Write per-pair tokens, attribution, prior and weights as JSONL here.")
+@click.option("--html", "html_path", default=None, help="Write a self-contained HTML view here.")
+@click.option("--limit", type=int, default=10, show_default=True, help="First N pairs of the file (-1: all).")
+@click.option("--hide-template", is_flag=True, help="Hide chat-template tokens (<|im_end|>, newline) in the views; colour scale over the response text.")
+@click.option("--no-view", is_flag=True, help="Do not print the terminal heat map.")
+@method_options
+def importance_command(model, adapter_path, data, recipe, batch_size, debug, output, html_path, limit,
+                       hide_template, no_view, **overrides) -> None:
+    """Per-token attribution, prior and weights of pairs, as the loss uses them.
+
+    For the chosen and the rejected response of each pair: tokens, token_ids,
+    attribution (raw L1 norms I), prior (normalised Gaussian prior over the
+    weight span), weights (exactly what the loss multiplies rho by), all at the
+    response positions. Prints a colour heat map; --html writes a page.
+    """
+    from tidpo_mlx.cli import run_guarded
+
+    def job() -> None:
+        from tidpo_mlx.evaluate import importance_records, load_pairs, weighting_label
+        from tidpo_mlx.view import html_page, terminal_view
+
+        cfg, m, tok, _ = _load(recipe, model, adapter_path, overrides)
+        pairs = load_pairs(data, tok, cfg, limit=None if limit < 0 else limit)
+        records = importance_records(m, tok, cfg, pairs, batch_size or cfg.batch_size)
+        label = weighting_label(cfg)
+        source = f"model {cfg.model}" + (f" + adapters {adapter_path}" if adapter_path else "")
+        if output:
+            _write_jsonl(output, records)
+        if not no_view:
+            for line in terminal_view(records, f"{label}; {source}", hide_template):
+                click.echo(line)
+        if html_path:
+            page = html_page(records, f"{label}; {source}; data {pairs.path}", "tidpo-mlx token weights", hide_template)
+            Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(html_path).write_text(page, encoding="utf-8")
+        for what, where in (("weights", output), ("HTML view", html_path)):
+            if where:
+                click.echo(f"{what}: {where}")
+
+    run_guarded(debug, job)
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated fractions, e.g. 0,0.1,0.2,0.4") from None
+    return tuple(v / 100 if v >= 1 else v for v in values)
+
+
+def _settings(items: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--set")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 @click.command()
-def experiment_command() -> None:
-    """Label-noise experiment."""
-    raise click.ClickException("not yet available")
+@click.option("--quick", is_flag=True, help="DPO and TI-DPO at 0 and 40 % noise, 1 seed, 6 steps (about 4 min).")
+@click.option("--seeds", type=int, default=None, help="Seeds per method and noise level. [default: 2; quick: 1]")
+@click.option("--iters", type=int, default=None, help="Training steps per run. [default: 12; quick: 6]")
+@click.option("--out", default="experiments/label-noise", show_default=True, help="Output folder.")
+@click.option("--val-pairs", type=int, default=None, help="Held-out pairs evaluated (first N of valid.jsonl, -1: all). [default: 24; quick: 16]")
+@click.option("--methods", default=None, help="Comma-separated subset of: dpo, tidpo, tidpo-no-triplet, tidpo-uniform.")
+@click.option("--noise", default=None, help="Comma-separated flipped-label shares (fractions or percents). [default: 0,0.1,0.2,0.4; quick: 0,0.4]")
+@click.option("--model", default=None, help="Model for every run. [default: the recipes' (built-in SmolLM2)]")
+@click.option("--data", default=None, help="Data folder with train.jsonl and valid.jsonl. [default: arith]")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Config override for every run (repeatable), e.g. --set num_layers=2.")
+@click.option("--keep-adapters", is_flag=True, help="Keep every run's adapters and checkpoints.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def experiment_command(quick, seeds, iters, out, val_pairs, methods, noise, model, data, settings, keep_adapters,
+                       debug) -> None:
+    """Label-noise robustness: DPO, TI-DPO and ablations under 0/10/20/40 % flipped training labels.
+
+    Trains every method (recipes dpo and quickstart; TI-DPO without the
+    triplet term; TI-DPO with uniform weights) on the data with a seeded share
+    of training pairs' chosen/rejected swapped, and records the held-out
+    reward accuracy and policy preference accuracy after training. Writes
+    results.csv, results.md and (with matplotlib) results.png to --out.
+    Rerunning with the same settings reuses finished runs.
+    """
+    from tidpo_mlx.cli import run_guarded
+
+    def job() -> None:
+        from tidpo_mlx.data import read_jsonl
+        from tidpo_mlx.experiment import METHODS, estimate_seconds, make_plan, run_experiment, source_folder
+
+        plan = make_plan(
+            out, quick=quick, seeds=seeds, iters=iters, val_pairs=val_pairs,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
+            noise=_floats(noise), model=model, data=data, overrides=_settings(settings),
+            keep_adapters=keep_adapters,
+        )
+        source = source_folder(plan)
+        train_rows = [r for _, r in read_jsonl(source / "train.jsonl")]
+        n_valid = len(read_jsonl(source / "valid.jsonl"))
+        n_val = n_valid if plan.val_pairs < 0 else min(plan.val_pairs, n_valid)
+        runs = len(plan.runs())
+        click.echo(f"plan: {len(plan.methods)} methods ({', '.join(plan.methods)}) x {len(plan.noise)} noise levels "
+                   f"({', '.join(f'{p:.0%}' for p in plan.noise)}) x {plan.seeds} seed(s) = {runs} runs of "
+                   f"{plan.iters} steps")
+        click.echo(f"data: {source} ({len(train_rows)} train pairs, {n_val} of {n_valid} held-out pairs); "
+                   f"model: {plan.model or 'recipe default'}; output: {plan.out}")
+        no_anchor = sum(r.get("anchor") is None for r in train_rows)
+        if no_anchor and any(METHODS[m].overrides.get("gamma", 1) > 0 and m != "dpo" for m in plan.methods):
+            click.echo(f"note: {no_anchor} training pairs have no 'anchor': TI-DPO runs sample anchors "
+                       "every step (several seconds per step on a CPU)")
+        est = estimate_seconds(plan, n_val)
+        click.echo(f"estimated time: ~{est / 60:.0f} min (rates measured with the built-in SmolLM2 on an idle "
+                   "2-core CPU; a busy machine is slower)")
+        run_experiment(plan, log=click.echo)
+        click.echo(f"results: {plan.out / 'results.md'}, {plan.out / 'results.csv'}"
+                   + (f", {plan.out / 'results.png'}" if (plan.out / "results.png").exists() else
+                      " (pip install 'tidpo-mlx[plot]' for a plot)"))
+        click.echo((plan.out / "results.md").read_text())
+
+    run_guarded(debug, job)
