@@ -412,3 +412,27 @@ def test_smollm2_peft_matches_mlx(tmp_path):
     assert_close("SmolLM2 PEFT (fused fp32 base) vs MLX 4-bit+adapter (fp32 compute)", ref32, torch_logits(pm, ids))
     fused32 = fuse(model, adapter, tmp_path / "fused32", dtype="float32")
     assert_close("SmolLM2 fused fp32 HF vs MLX 4-bit+adapter (fp32 compute)", ref32, torch_logits(hf_model(fused32), ids))
+
+
+def test_trained_adapter_exports_to_peft_and_matches(tiny_model, tmp_path):
+    """Train 3 steps with tidpo-mlx on a 4-bit hf_to_mlx model, export via train --export-peft, compare in PEFT."""
+    from conftest import write_jsonl
+    from tidpo_mlx.cli import main
+
+    q4 = hf_to_mlx(tiny_model, tmp_path / "q4", quantize=True, bits=4, group_size=32)
+    rows = [{"prompt": f"What is {a} plus 2?", "chosen": f"It is {a + 2}.", "rejected": f"It is {a + 3}."}
+            for a in range(10)]
+    write_jsonl(tmp_path / "d" / "train.jsonl", rows[:8])
+    write_jsonl(tmp_path / "d" / "valid.jsonl", rows[8:])
+    result = CliRunner().invoke(main, [
+        "train", "--quiet", "--model", str(q4), "--data", str(tmp_path / "d"), "--adapter-path",
+        str(tmp_path / "ad"), "--iters", "3", "--batch-size", "2", "--num-layers", "2", "--learning-rate", "1e-2",
+        "--anchor", "none", "--export-peft", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    ids = prompt_ids(q4)
+    ref = mlx_logits(q4, ids, tmp_path / "ad", float32=True)
+    base = mlx_logits(q4, ids, float32=True)
+    assert np.abs(ref - base).max() > 1e-3  # training moved the adapter
+    hf_base = fuse(q4, None, tmp_path / "hf", dtype="float32")  # the same dequantized weights for torch
+    pm = peft.PeftModel.from_pretrained(hf_model(hf_base), str(tmp_path / "peft")).eval()
+    assert_close("trained adapter: PEFT vs MLX (4-bit base)", ref, torch_logits(pm, ids))
