@@ -1,0 +1,150 @@
+"""Where the time of our DPO and TI-DPO steps goes, measured in one process, interleaved.
+
+    python benchmarks/profile_step.py [--reps 12] [--data arith] [--tokens 53]
+
+Same configuration as benchmarks/run.py (batch 2 pairs, LoRA r8 on 7 linears
+of the last 16 blocks, float32). Every piece is compiled and timed on the same
+batch, round-robin (so load drift hits all pieces alike), median of --reps
+rounds after 3 warm-up rounds:
+
+  forward            policy log-probs at the response positions (no grad)
+  forward+reference  policy and reference (adapters off) log-probs
+  attribution        d max-logit / d embeddings for the chosen+rejected rows
+  dpo grad           our DPO value_and_grad (reference inside), as the trainer compiles it
+  tidpo grad         TI-DPO (triplet off) value_and_grad, attribution inside
+  update             clip + AdamW
+  ... and the two grads again with mlx's fused attention/RoPE (plain_attention false)
+
+If the compiler shared nothing, tidpo grad = dpo grad + attribution; the report
+shows how much of the attribution the compiled step actually pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import BATCH, LEARNING_RATE, LORA, NUM_LAYERS, SEED, load_avg  # noqa: E402
+
+from tidpo_mlx.config import build_config  # noqa: E402
+from tidpo_mlx.data import collate, load_dataset  # noqa: E402
+from tidpo_mlx.importance import attribution  # noqa: E402
+from tidpo_mlx.models import attach_lora, embed, load_base, reference_mode, resolve_model  # noqa: E402
+from tidpo_mlx.objective import response_logprobs, to_mx  # noqa: E402
+from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
+
+
+def config(plain: str, **extra):
+    return build_config(dict(
+        preset="paper", batch_size=BATCH, num_layers=NUM_LAYERS, lora_parameters=dict(LORA),
+        learning_rate=LEARNING_RATE, lr_schedule="constant", warmup_steps=0, seed=SEED,
+        plain_attention=plain, **extra,
+    ))
+
+
+def pieces(plain: str, batch: dict[str, mx.array]) -> dict[str, callable]:
+    """Compiled pieces of one model (plain-op or fused attention)."""
+    dpo_cfg = config(plain, loss_type="dpo", weighting="none", gamma=0.0)
+    tidpo_cfg = config(plain, gamma=0.0)
+    mx.random.seed(SEED)
+    model, _, _ = load_base(resolve_model(dpo_cfg.model), dpo_cfg.dequantize, plain)
+    attach_lora(model, dpo_cfg)
+    model.train()
+    opt = build_optimizer(dpo_cfg)
+    opt.init(model.trainable_parameters())
+    dpo_grad, update = compile_steps(model, dpo_cfg, opt)
+    tidpo_grad, _ = compile_steps(model, tidpo_cfg, opt)
+    state = [model.state]
+
+    def forward(b):
+        return response_logprobs(model, embed(model, b["tokens"]), b, full=False)[0]
+
+    def forward_ref(b):
+        e = embed(model, b["tokens"])
+        logp = response_logprobs(model, e, b, full=False)[0]
+        with reference_mode(model):
+            ref = response_logprobs(model, e, b, full=False)[0]
+        return logp, ref
+
+    def attrib(b):
+        model.train(False)
+        out = attribution(model, embed(model, b["tokens"]), b["last"])
+        model.train(True)
+        return out
+
+    fwd = mx.compile(forward, inputs=state)
+    fwd_ref = mx.compile(forward_ref, inputs=state)
+    att = mx.compile(attrib, inputs=state)
+    grads = {}
+
+    def dpo(b):
+        grads["g"] = dpo_grad(b)[2]
+        return grads["g"]
+
+    def tidpo(b):
+        return tidpo_grad(b)[2]
+
+    def upd(b):
+        if "g" not in grads:
+            grads["g"] = dpo_grad(b)[2]
+            mx.eval(grads["g"])
+        update(grads["g"])
+        return model.parameters(), opt.state
+
+    if plain == "true":
+        return {"forward": fwd, "forward+reference": fwd_ref, "attribution": att,
+                "dpo grad": dpo, "tidpo grad": tidpo, "update": upd}
+    return {"dpo grad (fused attention)": dpo, "tidpo grad (fused attention)": tidpo}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=12)
+    parser.add_argument("--data", default="arith")
+    parser.add_argument("--tokens", type=float, default=53.0)
+    parser.add_argument("--no-fused", action="store_true", help="skip the fused-attention model")
+    args = parser.parse_args()
+
+    cfg = config("true")
+    model, tok, _ = load_base(resolve_model(cfg.model), "auto", "false")
+    examples = load_dataset(args.data, tok, cfg).train
+    del model
+    examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - args.tokens), e.index))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = to_mx(collate(examples[:BATCH], pad))
+    print(f"batch tokens {tuple(batch['tokens'].shape)}, response positions {tuple(batch['resp_pos'].shape)}; "
+          f"load {load_avg()}")
+
+    fns = pieces("true", batch)
+    if not args.no_fused:
+        fns.update(pieces("false", batch))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(args.reps + 3):
+        for name, fn in fns.items():
+            tic = time.perf_counter()
+            mx.eval(fn(batch))
+            if rep >= 3:
+                times[name].append(time.perf_counter() - tic)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'piece':34s} {'ms':>8s}   (median of {args.reps}; load now {load_avg()})")
+    for k, v in med.items():
+        print(f"{k:34s} {1000 * v:8.1f}")
+    d, t, a = med["dpo grad"], med["tidpo grad"], med["attribution"]
+    print(f"\ntidpo grad / dpo grad                {t / d:.2f}")
+    print(f"(dpo grad + attribution) / dpo grad  {(d + a) / d:.2f}   (if nothing were shared)")
+    print(f"attribution paid inside the step     {(t - d) / a:.0%} of its stand-alone time")
+    if "dpo grad (fused attention)" in med:
+        df, tf = med["dpo grad (fused attention)"], med["tidpo grad (fused attention)"]
+        print(f"with fused attention: dpo {1000 * df:.0f} ms, tidpo {1000 * tf:.0f} ms, ratio {tf / df:.2f}")
+
+
+if __name__ == "__main__":
+    main()

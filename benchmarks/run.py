@@ -1,0 +1,839 @@
+"""Benchmarks of issue 6, printed as ratios measured in one run on the same batches.
+
+    python benchmarks/run.py [--quick] [--json out.json] [--repeats N] [--only NAMES]
+
+Configuration: batch 2 pairs, LoRA rank 8 (scale 20, dropout 0; PEFT
+lora_alpha = 160) on all 7 linear layers of the last 16 blocks,
+SmolLM2-135M-Instruct computed in float32, ~53 tokens per templated sequence
+(the 2 x steps pairs of the data closest to that), median of steps 6..N
+(N = 20, --quick: 10). Every tool trains on the same token ids in the same
+batch order, padded to the same length.
+
+Each measurement runs in its own process (clean peak memory, no cross-talk):
+
+  ours:<variant>   tidpo_mlx.trainer.train, step time from its on_step records
+  mlx_lm_lora      mlx-lm-lora's train_dpo (its own compiled step; its reference is a
+                   2nd model copy). Its Linux-CPU crash (KeyError
+                   'max_recommended_working_set_size' from mx.device_info()) is worked
+                   around by supplying that key (value 0) in a wrapper.
+  mlx_lm_sft       mlx-lm's own tuner: mlx_lm.tuner.trainer.train, default_loss, LoRA via
+                   linear_to_lora_layers, on prompt+chosen and prompt+rejected sequences
+  trl              TRL DPOTrainer + PEFT LoRA on torch CPU, fp32, no gradient checkpointing,
+                   reference = adapters off, precompute_ref_log_probs off
+  quickstart       `tidpo-mlx train --quiet` with the default recipe (skipped by --quick)
+
+The figures (see benchmarks/README.md): 1 TI-DPO step / our DPO step; 2 our
+DPO / mlx-lm-lora DPO; 3 our DPO / TRL; 4 peak memory of our steps / mlx-lm
+LoRA SFT; 5 quickstart wall time and tokens/s. Needs the `bench` extra
+(pip install -e '.[bench]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import tidpo_mlx  # noqa: F401  (fast BLAS before the first import of mlx)
+
+HERE = Path(__file__).resolve()
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tidpo-mlx" / "bench"
+LORA = dict(rank=8, scale=20.0, dropout=0.0)
+NUM_LAYERS = 16
+BATCH = 2
+LEARNING_RATE = 1e-5
+SEED = 0
+
+# Our variants: config keys on top of the common ones (see ours_config).
+OURS = {
+    "dpo": dict(loss_type="dpo", weighting="none", gamma=0.0),
+    "tidpo_no_triplet": dict(gamma=0.0),
+    "tidpo_data_anchor": dict(),
+    "tidpo_sampled": dict(anchor_every=1),
+    "tidpo_amortised": dict(),  # anchor_every = --anchor-every, when the trainer has the key
+}
+LABELS = {
+    "ours:dpo": "our DPO",
+    "ours:tidpo_no_triplet": "TI-DPO, triplet off",
+    "ours:tidpo_data_anchor": "TI-DPO + triplet, anchors from data",
+    "ours:tidpo_sampled": "TI-DPO + triplet, anchors sampled every step",
+    "ours:tidpo_amortised": "TI-DPO + triplet, anchors amortised",
+    "mlx_lm_lora": "mlx-lm-lora 5.x DPO",
+    "trl": "TRL DPOTrainer + PEFT (torch CPU)",
+    "mlx_lm_sft": "mlx-lm LoRA SFT (same sequences)",
+    "quickstart": "tidpo-mlx train --quiet (quickstart)",
+}
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def median_tail(times: list[float], first: int = 6) -> float:
+    """Median of steps ``first``..N (1-based)."""
+    tail = times[first - 1:]
+    return statistics.median(tail) if tail else float("nan")
+
+
+def amortised_mean(times: list[float], every: int, first: int = 6) -> float:
+    """Mean step time over whole sampling cycles (steps 1 + m*every ..) inside steps first..N."""
+    start = next((s for s in range(1, len(times) + 1) if (s - 1) % every == 0 and s >= first), None)
+    if start is None:
+        return float("nan")
+    cycles = (len(times) - start + 1) // every
+    if cycles == 0:
+        return float("nan")
+    chunk = times[start - 1: start - 1 + cycles * every]
+    return sum(chunk) / len(chunk)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    doctor = subprocess.run(
+        [sys.executable, "-c", "import sys; from tidpo_mlx.cli import main; sys.argv=['tidpo-mlx','doctor']; main()"],
+        capture_output=True, text=True,
+    )
+    versions = {}
+    from importlib import metadata
+
+    for name in ("mlx", "mlx-lm", "mlx-lm-lora", "torch", "transformers", "trl", "peft", "tidpo-mlx"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "python": platform.python_version(),
+        "doctor": (doctor.stdout + doctor.stderr).strip().splitlines(),
+        "versions": versions,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# the shared data: pairs, batch order, token ids
+# --------------------------------------------------------------------------- #
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Arithmetic preference pairs (used only when the bundled ``arith`` data is missing)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(12, 89), rng.randint(12, 89)
+        wrong = a + b + rng.choice([-10, 10, -1, 1])
+        rows.append({
+            "prompt": f"What is {a} + {b}?",
+            "chosen": f"{a} + {b} = {a + b}.",
+            "rejected": f"{a} + {b} = {wrong}.",
+            "anchor": f"The sum of {a} and {b} is {a + b}.",
+        })
+    return rows
+
+
+def ours_config(data: str, adapter_path: str, steps: int, extra: dict[str, Any]) -> Any:
+    from tidpo_mlx.config import build_config
+
+    recipe = dict(
+        preset="paper", model="smollm2-135m-instruct", data=data, adapter_path=adapter_path,
+        iters=steps, batch_size=BATCH, num_layers=NUM_LAYERS, lora_parameters=dict(LORA),
+        learning_rate=LEARNING_RATE, warmup_steps=0, lr_schedule="constant", steps_per_save=0,
+        steps_per_eval=0, val_batches=1, seed=SEED,
+    )
+    recipe.update(extra)
+    return build_config(recipe)
+
+
+def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str, Any]:
+    """Pick the pairs, write the data folders our trainer reads, and record the batches it will see.
+
+    Returns the spec every worker reads: data folders, the fused float32 HF model, and the
+    token ids of each step's batch (prompt, chosen, rejected per pair) in our trainer's order.
+    """
+    from tidpo_mlx.data import iterate_batches, load_dataset, read_jsonl, resolve_data_dir
+    from tidpo_mlx.models import resolve_model
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        folder = resolve_data_dir(data)
+        rows = [r for _, r in read_jsonl(folder / "train.jsonl")]
+        source = str(folder)
+    except Exception:  # bundled data not there yet: a temporary folder of similar pairs
+        rows = synthetic_rows(400)
+        source = "synthetic arithmetic pairs (bundled data missing)"
+    cfg = ours_config(data, str(work / "unused"), steps, {})
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+
+    # Encode every row once to find the pairs whose sequences are closest to the target length.
+    scratch = work / "all"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        (scratch / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded = load_dataset(str(scratch), tokenizer, cfg).train
+
+    def seq_len(e):
+        return (2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2
+
+    order = sorted(range(len(encoded)), key=lambda i: (abs(seq_len(encoded[i]) - target_tokens), i))
+    n_pairs = BATCH * steps
+    picked = sorted(order[:n_pairs])
+    valid = order[n_pairs: n_pairs + BATCH]
+    folders = {}
+    for name, keep_anchor in (("pairs", True), ("pairs_no_anchor", False)):
+        out = work / name
+        out.mkdir(exist_ok=True)
+        for split, idx in (("train", picked), ("valid", valid)):
+            chosen_rows = [dict(rows[i]) for i in idx]
+            for r in chosen_rows:
+                if not keep_anchor:
+                    r.pop("anchor", None)
+            (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen_rows))
+        folders[name] = str(out)
+    has_anchor = all(rows[i].get("anchor") for i in picked)
+
+    # The exact batches (and order) our trainer will draw: every other tool gets the same ones.
+    train = load_dataset(folders["pairs"], tokenizer, cfg).train
+    it = iterate_batches(train, BATCH, SEED)
+    batches = []
+    for _ in range(steps):
+        batch = next(it)
+        batches.append([dict(prompt=e.prompt, chosen=e.chosen, rejected=e.rejected,
+                             anchor=e.anchor) for e in batch])
+    lengths = [len(p["prompt"]) + len(p[k]) for b in batches for p in b for k in ("chosen", "rejected")]
+    return dict(
+        data_source=source,
+        data=folders["pairs"] if has_anchor else folders["pairs_no_anchor"],
+        data_no_anchor=folders["pairs_no_anchor"],
+        data_has_anchor=has_anchor,
+        model_path=str(model_path),
+        batches=batches,
+        tokens_per_sequence=sum(lengths) / len(lengths),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
+
+
+def padded_length(batch: list[dict[str, list[int]]]) -> int:
+    """The padded length L our collate uses for this batch's chosen+rejected (multiple of 16)."""
+    longest = max(len(p["prompt"]) + len(p[k]) for p in batch for k in ("chosen", "rejected"))
+    return -(-longest // 16) * 16
+
+
+def fused_float32(model_path: str, log: Path) -> str:
+    """The built-in model dequantized to a float32 Hugging Face folder (cached): what mlx-lm,
+    mlx-lm-lora and transformers load, with the same weights our loader computes with."""
+    out = CACHE / f"{Path(model_path).name}-float32-hf"
+    if (out / "config.json").exists():
+        return str(out)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE))
+    code = (
+        "import tidpo_mlx, sys; from tidpo_mlx.convert.fuse import fuse; "
+        "fuse(sys.argv[1], None, sys.argv[2], dtype='float32')"
+    )
+    with open(log, "a") as f:
+        subprocess.run([sys.executable, "-c", code, model_path, str(tmp / "m")], check=True, stdout=f, stderr=f)
+    (tmp / "m").rename(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+# --------------------------------------------------------------------------- #
+# workers (each in its own process)
+# --------------------------------------------------------------------------- #
+
+
+class Gate:
+    """Lockstep with the driver: after each step, say so and wait for the turn to take the next.
+
+    Every tool calls ``turn()`` from its own per-step hook, outside the span it times, so the
+    tools of one run take their steps in round-robin and share the machine's load alike.
+    Without the driver's pipes (a worker run by hand) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        fds = os.environ.get("TIDPO_BENCH_GATE")
+        self.go, self.done = map(int, fds.split(",")) if fds else (None, None)
+
+    def turn(self) -> None:
+        if self.go is None:
+            return
+        os.write(self.done, b"d")
+        if os.read(self.go, 1) != b"g":
+            raise SystemExit("benchmark driver went away")
+
+
+GATE = Gate()
+
+
+def worker_ours(spec: dict[str, Any], variant: str) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from tidpo_mlx.trainer import train
+
+    extra = dict(OURS[variant])
+    data = spec["data"]
+    if variant in ("tidpo_sampled", "tidpo_amortised"):
+        data = spec["data_no_anchor"]
+    if variant == "tidpo_amortised":
+        extra["anchor_every"] = spec["anchor_every"]
+    if variant == "tidpo_sampled" and not spec["has_anchor_every"]:
+        extra.pop("anchor_every")
+    cfg = ours_config(data, spec["adapter_path"], spec["steps"], extra)
+    times: list[float] = []
+    tokens: list[float] = []
+    peak = {}
+
+    def on_step(step: int, record: dict[str, float]) -> None:
+        times.append(record["step_time"])
+        tokens.append(record["tokens_per_s"] * record["step_time"])
+        if step == 1:
+            mx.reset_peak_memory()
+        if step == spec["steps"]:
+            peak["gb"] = mx.get_peak_memory() / 1e9
+        GATE.turn()
+
+    train(cfg, log=lambda _: None, progress=False, on_step=on_step)
+    return dict(step_times=times, peak_gb=peak.get("gb"), tokens_per_step=tokens)
+
+
+class _Timer:
+    """Collects mlx-lm style training reports (steps_per_report=1) and the peak after step 1."""
+
+    def __init__(self, steps: int):
+        import mlx.core as mx
+
+        self.mx, self.steps, self.times, self.peak = mx, steps, [], None
+
+    def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        self.times.append(1.0 / info["iterations_per_second"])
+        if info["iteration"] == 1:
+            self.mx.reset_peak_memory()
+        if info["iteration"] == self.steps:
+            self.peak = self.mx.get_peak_memory() / 1e9
+        GATE.turn()
+
+    def on_val_loss_report(self, info: dict[str, Any]) -> None:
+        pass
+
+
+def _padded_rows(batch: list[dict[str, list[int]]], key: str, width: int) -> tuple[Any, Any]:
+    import numpy as np
+
+    tokens = np.zeros((len(batch), width), np.int32)
+    mask = np.zeros((len(batch), width), np.float32)
+    for j, p in enumerate(batch):
+        seq = p["prompt"] + p[key]
+        tokens[j, : len(seq)] = seq
+        mask[j, len(p["prompt"]): len(seq)] = 1.0
+    return tokens, mask
+
+
+def worker_mlx_lm_lora(spec: dict[str, Any]) -> dict[str, Any]:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm import load
+
+    # mlx-lm-lora 5.10 calls mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"]);
+    # MLX's Linux CPU backend has no such key (KeyError at start). Supply it (0: no wired limit).
+    real_info = mx.device_info
+
+    def device_info() -> dict[str, Any]:
+        info = dict(real_info())
+        info.setdefault("max_recommended_working_set_size", 0)
+        return info
+
+    mx.device_info = device_info
+
+    from mlx_lm_lora.trainer import dpo_trainer
+    from mlx_lm_lora.utils import from_pretrained
+
+    mx.random.seed(SEED)
+    model, _, _ = from_pretrained(
+        model=spec["fused"], lora_config=dict(LORA, use_dora=False, num_layers=NUM_LAYERS),
+    )
+    reference, _ = load(spec["fused"])  # what its CLI does: a second full copy of the model
+    reference.freeze()
+    batches = iter(spec["batches"])
+
+    def our_batches(**_: Any) -> Iterator[tuple[Any, ...]]:
+        # Same pairs and order as ours; width L+1 so its forward (x[:, :-1]) runs on our L tokens.
+        batch = next(batches)
+        width = padded_length(batch) + 1
+        chosen, chosen_mask = _padded_rows(batch, "chosen", width)
+        rejected, rejected_mask = _padded_rows(batch, "rejected", width)
+        yield mx.array(chosen), mx.array(rejected), mx.array(chosen_mask), mx.array(rejected_mask)
+
+    dpo_trainer.iterate_dpo_batches = our_batches
+    timer = _Timer(spec["steps"])
+    args = dpo_trainer.DPOTrainingArgs(
+        batch_size=BATCH, iters=spec["steps"], steps_per_report=1, steps_per_eval=10**9,
+        steps_per_save=10**9, adapter_file=str(Path(spec["adapter_path"]) / "adapters.safetensors"),
+        max_seq_length=2048, beta=0.1,
+    )
+    Path(spec["adapter_path"]).mkdir(parents=True, exist_ok=True)
+    dpo_trainer.train_dpo(
+        model=model, ref_model=reference, optimizer=optim.AdamW(learning_rate=LEARNING_RATE),
+        train_dataset=[None] * (BATCH * spec["steps"]), val_dataset=None, args=args,
+        training_callback=timer, loss_type="sigmoid",
+    )
+    return dict(step_times=timer.times, peak_gb=timer.peak, patched="mx.device_info()['max_recommended_working_set_size'] = 0")
+
+
+def worker_mlx_lm_sft(spec: dict[str, Any]) -> dict[str, Any]:
+    import mlx.core as mx
+    import numpy as np
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    mx.random.seed(SEED)
+    model, _ = load(spec["fused"])
+    model.freeze()
+    linear_to_lora_layers(model, NUM_LAYERS, dict(LORA))
+
+    def our_batches(**_: Any) -> Iterator[tuple[Any, Any]]:
+        # The chosen and rejected sequences of each step (4 rows), prompt masked out as in
+        # mlx-lm's completion datasets: lengths = (prompt offset, sequence length).
+        for batch in spec["batches"]:
+            width = padded_length(batch) + 1
+            rows, lengths = [], []
+            for key in ("chosen", "rejected"):
+                tokens, _ = _padded_rows(batch, key, width)
+                rows.extend(tokens)
+                lengths.extend([len(p["prompt"]), len(p["prompt"]) + len(p[key])] for p in batch)
+            yield mx.array(np.stack(rows)), mx.array(lengths)
+
+    timer = _Timer(spec["steps"])
+    args = TrainingArgs(
+        batch_size=2 * BATCH, iters=spec["steps"], steps_per_report=1, steps_per_eval=10**9,
+        steps_per_save=10**9, adapter_file=str(Path(spec["adapter_path"]) / "adapters.safetensors"),
+        max_seq_length=2048,
+    )
+    Path(spec["adapter_path"]).mkdir(parents=True, exist_ok=True)
+    train(model, optim.AdamW(learning_rate=LEARNING_RATE), train_dataset=[None] * 8, args=args,
+          loss=default_loss, iterate_batches=our_batches, training_callback=timer)
+    return dict(step_times=timer.times, peak_gb=timer.peak)
+
+
+def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(spec["fused"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(spec["fused"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    n_layers = model.config.num_hidden_layers
+    peft = LoraConfig(
+        r=LORA["rank"], lora_alpha=LORA["scale"] * LORA["rank"], lora_dropout=LORA["dropout"],
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        layers_to_transform=list(range(n_layers - NUM_LAYERS, n_layers)), task_type="CAUSAL_LM",
+    )
+    rows = [dict(prompt_ids=p["prompt"], chosen_ids=p["chosen"], rejected_ids=p["rejected"])
+            for batch in spec["batches"] for p in batch]
+
+    class SameBatches(DPOTrainer):
+        """Our token ids as they are (no re-tokenisation) and our batch order (no shuffling)."""
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.tic = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.tic)
+            GATE.turn()
+
+    config = DPOConfig(
+        output_dir=spec["adapter_path"], per_device_train_batch_size=BATCH, max_steps=spec["steps"],
+        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, beta=0.1,
+        precompute_ref_log_probs=False, gradient_checkpointing=False, bf16=False, fp16=False,
+        use_cpu=True, pad_to_multiple_of=16, max_length=None, logging_strategy="no",
+        save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0,
+        disable_tqdm=True, seed=SEED, remove_unused_columns=False,
+    )
+    trainer = SameBatches(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        peft_config=peft, callbacks=[StepTimer()],
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer.train()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (approx.)
+    return dict(step_times=times, peak_rss_gb=rss, torch_threads=torch.get_num_threads(),
+                trainable_params=trainable)
+
+
+def worker_quickstart(spec: dict[str, Any]) -> dict[str, Any]:
+    out = Path(spec["adapter_path"])
+    cmd = [shutil.which("tidpo-mlx") or "tidpo-mlx", "train", "--quiet", "--adapter-path", str(out)]
+    if spec.get("quickstart_data"):
+        cmd += ["--data", spec["quickstart_data"]]
+    tic = time.perf_counter()
+    with open(spec["log"], "a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=f)
+    wall = time.perf_counter() - tic
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if "step_time" in r]
+    total_time = sum(r["step_time"] for r in train)
+    total_tokens = sum(r["tokens_per_s"] * r["step_time"] for r in train)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return dict(
+        wall_s=wall, steps=len(train), train_seconds=summary.get("train_seconds", total_time),
+        tokens_per_s=total_tokens / total_time, median_step_s=statistics.median(r["step_time"] for r in train),
+        step_times=[r["step_time"] for r in train],
+        peak_gb=max((r.get("peak_memory_gb") or 0) for r in train), command=" ".join(cmd[1:]),
+    )
+
+
+def run_worker(name: str, spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if name.startswith("ours:"):
+        result = worker_ours(spec, name.split(":", 1)[1])
+    else:
+        result = {
+            "mlx_lm_lora": worker_mlx_lm_lora, "mlx_lm_sft": worker_mlx_lm_sft,
+            "trl": worker_trl, "quickstart": worker_quickstart,
+        }[name](spec)
+    Path(out_path).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- #
+# the driver
+# --------------------------------------------------------------------------- #
+
+
+def measure(name: str, spec: dict[str, Any], work: Path, tag: str, timeout: int) -> dict[str, Any]:
+    """Run one worker process; its result, the load before/after and its wall time."""
+    spec = dict(spec, adapter_path=str(work / f"out-{tag}"), log=str(work / f"{tag}.log"))
+    spec_path = work / f"{tag}.spec.json"
+    out_path = work / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    before = load_avg()
+    tic = time.perf_counter()
+    with open(spec["log"], "a") as log:
+        proc = subprocess.run(
+            [sys.executable, str(HERE), "--worker", name, "--spec", str(spec_path), "--out", str(out_path)],
+            stdout=log, stderr=log, timeout=timeout,
+        )
+    wall = time.perf_counter() - tic
+    if proc.returncode != 0 or not out_path.exists():
+        tail = Path(spec["log"]).read_text().strip().splitlines()[-12:]
+        return dict(error=f"exit {proc.returncode}", log_tail=tail, load_before=before, load_after=load_avg())
+    result = json.loads(out_path.read_text())
+    result.update(load_before=before, load_after=load_avg(), process_s=round(wall, 1))
+    return result
+
+
+def measure_lockstep(names: list[str], spec: dict[str, Any], work: Path, round_: int,
+                     timeout: int) -> tuple[dict[str, dict[str, Any]], list[list[float]]]:
+    """Run the workers side by side, their steps 2..N in round-robin (one tool steps at a time).
+
+    All processes load and take step 1 at once (not timed in the figures); from then on the
+    driver hands out one step at a time: step k of every tool, then step k+1 of every tool. A
+    change of load over the run then hits every tool alike, and each process keeps its own
+    clean peak memory. Returns the results and the load average at each round.
+    """
+    import select
+
+    procs = {}
+    for name in names:
+        tag = f"{name.replace(':', '-')}-{round_}"
+        wspec = dict(spec, adapter_path=str(work / f"out-{tag}"), log=str(work / f"{tag}.log"))
+        spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
+        spec_path.write_text(json.dumps(wspec))
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        log = open(wspec["log"], "a")
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE), "--worker", name, "--spec", str(spec_path), "--out", str(out_path)],
+            stdout=log, stderr=log, pass_fds=(go_r, done_w),
+            env=dict(os.environ, TIDPO_BENCH_GATE=f"{go_r},{done_w}"),
+        )
+        os.close(go_r)
+        os.close(done_w)
+        log.close()
+        procs[name] = dict(proc=proc, go=go_w, done=done_r, out=out_path, log=wspec["log"], alive=True,
+                           load_before=load_avg(), tic=time.perf_counter())
+
+    def wait_done(name: str) -> None:
+        p = procs[name]
+        ready, _, _ = select.select([p["done"]], [], [], timeout)
+        if not ready or os.read(p["done"], 1) != b"d":  # crashed, or hung past the timeout
+            p["alive"] = False
+            if not ready:
+                p["proc"].kill()
+
+    def go(name: str) -> None:
+        try:
+            os.write(procs[name]["go"], b"g")
+        except BrokenPipeError:
+            procs[name]["alive"] = False
+
+    loads = []
+    for name in names:  # step 1, all at once
+        wait_done(name)
+    for step in range(2, spec["steps"] + 1):
+        loads.append(load_avg())
+        print(f"  step {step}/{spec['steps']} (load {loads[-1][0]:.1f})", file=sys.stderr, flush=True)
+        for name in names:
+            if procs[name]["alive"]:
+                go(name)
+                wait_done(name)
+    results = {}
+    for name in names:  # let every tool finish (saves, final evals) and collect
+        p = procs[name]
+        if p["alive"]:
+            go(name)
+        try:
+            p["proc"].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p["proc"].kill()
+            p["proc"].wait()
+        os.close(p["go"])
+        os.close(p["done"])
+        if p["proc"].returncode != 0 or not p["out"].exists():
+            tail = Path(p["log"]).read_text().strip().splitlines()[-12:]
+            results[name] = dict(error=f"exit {p['proc'].returncode}", log_tail=tail)
+            print(f"  {name} failed: {results[name]['error']}\n  " + "\n  ".join(tail), file=sys.stderr)
+            continue
+        results[name] = json.loads(p["out"].read_text())
+        results[name].update(load_before=p["load_before"], load_after=load_avg(),
+                             process_s=round(time.perf_counter() - p["tic"], 1))
+    return results, loads
+
+
+def summarise(name: str, runs: list[dict[str, Any]], anchor_every: int) -> dict[str, Any]:
+    """Pool the repeats of one measurement: s/step (median of steps 6..N, pooled), peak memory."""
+    ok = [r for r in runs if "error" not in r]
+    out: dict[str, Any] = {"runs": runs}
+    if not ok:
+        out["error"] = runs[-1].get("error") if runs else "not run"
+        return out
+    if name == "quickstart":
+        out.update({k: statistics.median(r[k] for r in ok) for k in ("wall_s", "tokens_per_s", "median_step_s")})
+        out["steps"] = ok[0]["steps"]
+        return out
+    if name == "ours:tidpo_amortised":
+        per_run = [amortised_mean(r["step_times"], anchor_every) for r in ok]
+        out["step_s"] = statistics.median(per_run)
+        out["statistic"] = f"mean over whole {anchor_every}-step sampling cycles inside steps 6..N"
+    else:
+        pooled = [t for r in ok for t in r["step_times"][5:]]
+        out["step_s"] = statistics.median(pooled) if pooled else float("nan")
+        out["per_run_step_s"] = [median_tail(r["step_times"]) for r in ok]
+        out["statistic"] = "median of steps 6..N, pooled over repeats"
+    peaks = [r["peak_gb"] for r in ok if r.get("peak_gb") is not None]
+    if peaks:
+        out["peak_gb"] = max(peaks)
+    if ok[0].get("peak_rss_gb") is not None:
+        out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in ok)
+    return out
+
+
+def figures(res: dict[str, dict[str, Any]], anchor_every: int | None) -> list[dict[str, Any]]:
+    """The ratios of issue 6 with their targets."""
+
+    def step(name: str) -> float | None:
+        return res.get(name, {}).get("step_s")
+
+    def peak(name: str) -> float | None:
+        return res.get(name, {}).get("peak_gb")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b and math.isfinite(a) and math.isfinite(b) else None
+
+    dpo = step("ours:dpo")
+    rows = [
+        ("1", "TI-DPO step / our DPO step, triplet off", ratio(step("ours:tidpo_no_triplet"), dpo), 1.25, "s/step"),
+        ("1a", "  + triplet, anchors from data", ratio(step("ours:tidpo_data_anchor"), dpo), None, "s/step"),
+        ("1b", "  + triplet, anchors sampled every step", ratio(step("ours:tidpo_sampled"), dpo), None, "s/step"),
+        ("1c", f"  + triplet, anchors amortised (anchor_every {anchor_every})",
+         ratio(step("ours:tidpo_amortised"), dpo) if anchor_every else None, 1.8, "s/step"),
+        ("2", "our DPO step / mlx-lm-lora DPO step", ratio(dpo, step("mlx_lm_lora")), 0.6, "s/step"),
+        ("3", "our DPO step / TRL DPOTrainer step", ratio(dpo, step("trl")), 1.0, "s/step"),
+        ("4", "peak memory: our DPO / mlx-lm LoRA SFT", ratio(peak("ours:dpo"), peak("mlx_lm_sft")), 1.1, "GB"),
+        ("4a", "peak memory: TI-DPO, triplet off / mlx-lm LoRA SFT",
+         ratio(peak("ours:tidpo_no_triplet"), peak("mlx_lm_sft")), 1.2, "GB"),
+        ("4b", "peak memory: TI-DPO + triplet (data anchors) / mlx-lm LoRA SFT",
+         ratio(peak("ours:tidpo_data_anchor"), peak("mlx_lm_sft")), None, "GB"),
+    ]
+    out = []
+    for key, what, value, target, unit in rows:
+        out.append(dict(figure=key, what=what, ratio=value, target=target,
+                        met=None if value is None or target is None else value <= target))
+    return out
+
+
+def print_report(report: dict[str, Any]) -> None:
+    res = report["measurements"]
+    print(f"\nbatch {BATCH} pairs, LoRA r{LORA['rank']} scale {LORA['scale']:g} on 7 linears x last {NUM_LAYERS} blocks, "
+          f"{report['tokens_per_sequence']:.1f} tokens/sequence, steps {report['steps']}, repeats {report['repeats']}")
+    print(f"load (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}; "
+          f"1-min load during the timed steps {report.get('load_during_steps')} ({report.get('mode')}, "
+          f"threads: {report.get('threads')})\n")
+    print(f"{'measurement':48s} {'s/step':>8s} {'peak GB':>8s}  load during")
+    for name, r in res.items():
+        if name == "quickstart":
+            continue
+        if "error" in r:
+            print(f"{LABELS.get(name, name):48s} {'failed: ' + str(r['error'])}")
+            continue
+        peak = r.get("peak_gb") or r.get("peak_rss_gb")
+        mark = " RSS" if "peak_rss_gb" in r and r.get("peak_gb") is None else ""
+        loads = [x["load_before"][0] for x in r["runs"] if "load_before" in x]
+        print(f"{LABELS.get(name, name):48s} {r['step_s']:8.3f} {peak if peak else float('nan'):8.3f}{mark}  "
+              f"{'/'.join(f'{x:.1f}' for x in loads)}")
+    print()
+    print(f"{'figure':6s} {'ratio':>6s} {'target':>7s}  {'':4s} what")
+    for f in report["figures"]:
+        value = "-" if f["ratio"] is None else f"{f['ratio']:.2f}"
+        target = "report" if f["target"] is None else f"<={f['target']:g}"
+        met = "" if f["met"] is None else ("ok" if f["met"] else "MISS")
+        print(f"{f['figure']:6s} {value:>6s} {target:>7s}  {met:4s} {f['what']}")
+    q = res.get("quickstart")
+    if q and "error" not in q:
+        print(f"5      quickstart: {q['wall_s']:.0f} s wall ({q['steps']} steps), {q['tokens_per_s']:.0f} tokens/s, "
+              f"median step {q['median_step_s']:.2f} s")
+    elif q:
+        print(f"5      quickstart failed: {q['error']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10 steps, no quickstart run")
+    parser.add_argument("--json", default=None, help="write the full report here")
+    parser.add_argument("--steps", type=int, default=None, help="steps per measurement (default 20; --quick 10)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every measurement (interleaved)")
+    parser.add_argument("--data", default="arith", help="data folder or bundled name (pairs are picked from train)")
+    parser.add_argument("--tokens", type=float, default=53.0, help="target tokens per templated sequence")
+    parser.add_argument("--anchor-every", type=int, default=5, help="K of the amortised-anchor variant")
+    parser.add_argument("--only", default=None, help="comma-separated measurement names (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated measurement names to leave out")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS/OpenMP threads of every tool (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS); "
+                             "default: the libraries' own (all cores)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one tool after the other (default: all side by side, steps in round-robin)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, adapters)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement process")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args.worker, args.spec, args.out)
+        return
+
+    from tidpo_mlx.config import Config
+
+    steps = args.steps or (10 if args.quick else 20)
+    if args.threads:  # inherited by every worker process (set before any of them starts)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    has_anchor_every = "anchor_every" in Config.__dataclass_fields__
+    names = ["ours:dpo", "ours:tidpo_no_triplet", "ours:tidpo_data_anchor", "ours:tidpo_sampled"]
+    if has_anchor_every:
+        names.append("ours:tidpo_amortised")
+    names += ["mlx_lm_lora", "trl", "mlx_lm_sft"]
+    if not args.quick:
+        names.append("quickstart")
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    names = [n for n in names if n not in args.skip.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="tidpo-bench-"))
+    load_start = load_avg()
+    print(f"work folder {work}; load {load_start}", file=sys.stderr)
+    info = machine()
+    spec = prepare(work, args.data, steps, args.tokens)
+    spec.update(steps=steps, anchor_every=args.anchor_every, has_anchor_every=has_anchor_every)
+    if any(n in names for n in ("mlx_lm_lora", "trl", "mlx_lm_sft")):
+        spec["fused"] = fused_float32(spec["model_path"], work / "fuse.log")
+    if "synthetic" in spec["data_source"]:  # the default recipe's bundled data is missing
+        spec["quickstart_data"] = spec["data"]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    step_loads: list[list[float]] = []
+    stepped = [n for n in names if n != "quickstart"]
+    for r in range(args.repeats):
+        if args.sequential:
+            for name in stepped:
+                tag = f"{name.replace(':', '-')}-{r}"
+                print(f"[{r + 1}/{args.repeats}] {name} (load {load_avg()[0]:.1f}) ...", file=sys.stderr, flush=True)
+                result = measure(name, spec, work, tag, args.timeout)
+                if "error" in result:
+                    print(f"  failed: {result['error']}\n  " + "\n  ".join(result["log_tail"]), file=sys.stderr)
+                runs[name].append(result)
+        elif stepped:
+            print(f"[{r + 1}/{args.repeats}] lockstep: {', '.join(stepped)} (load {load_avg()[0]:.1f})",
+                  file=sys.stderr, flush=True)
+            results, loads = measure_lockstep(stepped, spec, work, r, args.timeout)
+            step_loads.extend(loads)
+            for name in stepped:
+                runs[name].append(results[name])
+    if "quickstart" in names:
+        print(f"quickstart (load {load_avg()[0]:.1f}) ...", file=sys.stderr, flush=True)
+        runs["quickstart"].append(measure("quickstart", spec, work, "quickstart", args.timeout))
+    measurements = {n: summarise(n, runs[n], args.anchor_every) for n in names}
+    report = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=info, steps=steps, repeats=args.repeats,
+        load_start=load_start, load_end=load_avg(), data_source=spec["data_source"],
+        mode="sequential" if args.sequential else "lockstep", threads=args.threads or "library default",
+        load_during_steps=dict(min=min(l[0] for l in step_loads), median=statistics.median(l[0] for l in step_loads),
+                               max=max(l[0] for l in step_loads)) if step_loads else None,
+        data_has_anchor=spec["data_has_anchor"], tokens_per_sequence=spec["tokens_per_sequence"],
+        batch_shapes=sorted({padded_length(b) for b in spec["batches"]}),
+        config=dict(batch_pairs=BATCH, lora=LORA, num_layers=NUM_LAYERS, learning_rate=LEARNING_RATE,
+                    anchor_every=args.anchor_every if has_anchor_every else None, dtype="float32"),
+        measurements=measurements, figures=figures(measurements, args.anchor_every if has_anchor_every else None),
+    )
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print("\n" + json.dumps({f["figure"]: f["ratio"] for f in report["figures"]}))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
