@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 from html import escape
@@ -19,7 +20,7 @@ from tidpo_mlx.cli import main
 from tidpo_mlx.config import build_config, load_config
 from tidpo_mlx.data import PairEncoder, collate
 from tidpo_mlx.evaluate import load_pairs
-from tidpo_mlx.experiment import flip_labels, make_plan, run_experiment
+from tidpo_mlx.experiment import flip_labels, make_plan, results_markdown, run_experiment
 from tidpo_mlx.models import adapter_config, attach_lora, embed, load_adapted, load_base, save_adapters
 from tidpo_mlx.objective import batch_objective, to_mx, token_weights
 
@@ -220,7 +221,7 @@ def test_experiment_quick_smoke(tiny_model, tmp_path):
     for r in table:
         assert 0.0 <= float(r["reward_accuracy"]) <= 1.0 and 0.0 <= float(r["policy_preference_accuracy"]) <= 1.0
     md = (out / "results.md").read_text()
-    assert "| method | 0% noise | 40% noise |" in md and "| dpo |" in md and "| tidpo |" in md and " ± " in md
+    assert "| method | 0% noise | 40% noise |" in md and "| dpo | " in md and "| tidpo | " in md
     assert not (out / "runs" / "dpo-noise00-seed0" / "adapters.safetensors").exists()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "results.png").stat().st_size > 0
@@ -231,3 +232,6 @@ def test_experiment_quick_smoke(tiny_model, tmp_path):
     logs = []
     again = run_experiment(plan, log=logs.append)
     assert len(again) == 4 and all("(reused)" in line for line in logs)
+    rows = [dict(r, seed=1, reward_accuracy=r["reward_accuracy"] + 0.1) for r in again]
+    md = results_markdown(dataclasses.replace(plan, seeds=2), again + rows)
+    assert md.count(" ± 0.071 |") >= 2  # two seeds: mean ± sample std

@@ -353,7 +353,8 @@ def results_markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
         f"({train_pairs} training pairs, {val} held-out pairs), {plan.iters} steps per run, "
         f"{plan.seeds} seed(s) (warmup at most a third of the steps); a share of the *training* labels "
         "flipped, held-out pairs untouched. "
-        "Values: mean ± std over seeds (sample std; 0 with one seed) of held-out metrics after training.",
+        "Values: mean ± std over seeds (sample std; the mean alone with one seed) of held-out metrics "
+        "after training.",
         "",
         "Methods: " + "; ".join(f"`{m}` = {METHODS[m].label} (recipe {METHODS[m].recipe}"
                                 + (f", {', '.join(f'{k} {v}' for k, v in METHODS[m].overrides.items())}" if METHODS[m].overrides else "")
@@ -370,8 +371,8 @@ def results_markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
             cells = []
             for p in noise:
                 if (m, p) in stats:
-                    mean, std, _ = stats[(m, p)]
-                    cells.append(f"{mean:.3f} ± {std:.3f}")
+                    mean, std, n = stats[(m, p)]
+                    cells.append(f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
                 else:
                     cells.append("-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
