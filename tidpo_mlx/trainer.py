@@ -137,8 +137,13 @@ class HeldOut:
             sums = np.array(mx.distributed.all_sum(mx.array(sums), stream=mx.cpu))
         return sums[0], sums[1]
 
-    def __call__(self) -> dict[str, float]:
-        chosen, rejected = self._run(self._sums)
+    def __call__(self, policy_is_reference: bool = False) -> dict[str, float]:
+        """Metrics of the current policy; ``policy_is_reference`` reuses the reference sums
+        (fresh LoRA: lora_b is 0, so the policy computes exactly the reference)."""
+        if policy_is_reference and self.ref is not None:
+            chosen, rejected = self.ref
+        else:
+            chosen, rejected = self._run(self._sums)
         ref = self.ref or (None, None)
         beta = self.cfg.beta
         return preference_metrics(chosen, rejected, ref[0], ref[1], beta)
@@ -294,7 +299,7 @@ def train(
     before = None
     if start == 0:
         t = time.perf_counter()
-        before = held_out()
+        before = held_out(policy_is_reference=not cfg.resume_adapter_file)
         log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
         write({"step": 0, "split": "valid", **before})
 
