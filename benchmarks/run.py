@@ -9,7 +9,11 @@ SmolLM2-135M-Instruct computed in float32, ~53 tokens per templated sequence
 (N = 20, --quick: 10). Every tool trains on the same token ids in the same
 batch order, padded to the same length.
 
-Each measurement runs in its own process (clean peak memory, no cross-talk):
+Each measurement runs in its own process (clean peak memory, no cross-talk);
+by default they run side by side in lockstep (one tool takes one step at a
+time, step k of all before step k+1 of any) so load changes hit all alike;
+--sequential runs them one after the other, --threads N pins BLAS/OpenMP
+threads for every tool (a loaded 2-core machine is unmeasurable otherwise).
 
   ours:<variant>   tidpo_mlx.trainer.train, step time from its on_step records
   mlx_lm_lora      mlx-lm-lora's train_dpo (its own compiled step; its reference is a
@@ -44,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import tidpo_mlx  # noqa: F401  (fast BLAS before the first import of mlx)
 
@@ -521,6 +525,7 @@ def worker_quickstart(spec: dict[str, Any]) -> dict[str, Any]:
         tokens_per_s=total_tokens / total_time, median_step_s=statistics.median(r["step_time"] for r in train),
         step_times=[r["step_time"] for r in train],
         peak_gb=max((r.get("peak_memory_gb") or 0) for r in train), command=" ".join(cmd[1:]),
+        held_out={when: (summary.get(when) or {}).get("policy_preference_accuracy") for when in ("before", "after")},
     )
 
 
@@ -651,6 +656,7 @@ def summarise(name: str, runs: list[dict[str, Any]], anchor_every: int) -> dict[
     if name == "quickstart":
         out.update({k: statistics.median(r[k] for r in ok) for k in ("wall_s", "tokens_per_s", "median_step_s")})
         out["steps"] = ok[0]["steps"]
+        out["held_out"] = ok[-1]["held_out"]
         return out
     if name == "ours:tidpo_amortised":
         per_run = [amortised_mean(r["step_times"], anchor_every) for r in ok]
@@ -732,7 +738,8 @@ def print_report(report: dict[str, Any]) -> None:
     q = res.get("quickstart")
     if q and "error" not in q:
         print(f"5      quickstart: {q['wall_s']:.0f} s wall ({q['steps']} steps), {q['tokens_per_s']:.0f} tokens/s, "
-              f"median step {q['median_step_s']:.2f} s")
+              f"median step {q['median_step_s']:.2f} s; held-out policy preference accuracy "
+              f"{q['held_out']['before']} -> {q['held_out']['after']}")
     elif q:
         print(f"5      quickstart failed: {q['error']}")
 

@@ -54,7 +54,7 @@ def test_conversational_form_and_system(tok):
 def test_collate_masks(tok):
     ex = [encoder(tok).encode_row(i, f"t:{i}", PAIR) for i in range(2)]
     b = collate(ex, pad_id=0, anchors=[ex[0].chosen, ex[1].rejected])
-    assert b["tokens"].shape[0] == 6 and b["tokens"].shape[1] % 32 == 0
+    assert b["tokens"].shape[0] == 6 and b["tokens"].shape[1] % 8 == 0
     for i in range(6):
         n = int(b["resp_mask"][i].sum())
         p = len(ex[0].prompt)
@@ -149,3 +149,17 @@ def test_length_bucketed_batches_are_deterministic(tok):
     for batch in a:
         lengths = [ex[i].length for i in batch]
         assert max(lengths) - min(lengths) <= 2
+
+
+def test_eval_subset_spreads_over_the_split():
+    from tidpo_mlx.data import Example, eval_batches
+
+    examples = [Example(index=i, source=f"v:{i}", messages=[], prompt=[1] * (i % 7 + 1), chosen=[2], rejected=[3, 3])
+                for i in range(40)]
+    assert sum(len(b) for b in eval_batches(examples, 4)) == 40
+    subset = eval_batches(examples, 4, limit=3)
+    picked = sorted(e.index for b in subset for e in b)
+    assert len(picked) == 12 and picked[0] == 0 and picked[-1] == 39
+    assert all(b - a in (3, 4) for a, b in zip(picked, picked[1:]))
+    lengths = [e.length for b in subset for e in b]
+    assert lengths == sorted(lengths)

@@ -192,3 +192,37 @@ def test_gradients_reach_only_lora(setup):
     assert flat and all(k.endswith(("lora_a", "lora_b")) for k in flat)
     assert max(float(mx.abs(g).max()) for g in flat.values()) > 0
     model.eval()
+
+
+def test_anchor_cut_to_the_pair_keeps_the_triplet_loss(setup):
+    """Anchor tokens past max(len y_w, len y_l) cannot reach d(a, .): the cut batch gives the
+    triplet loss of the whole anchor, computed here from separate full-length forwards."""
+    base_cfg, model, base, tok, examples = setup
+    cfg = build_config({"model": "x", "num_layers": 2, "preset": "paper"})
+    enc = PairEncoder(tok, cfg)
+    long_anchors = [enc.encode_response(e.source, "anchor", e.messages, e.prompt,
+                                        "Well, let me think about this for quite a while first. " * 3)[0]
+                    for e in examples]
+    assert all(len(a) > e.overlap for a, e in zip(long_anchors, examples))
+    batch = collate(examples, 0, long_anchors)
+    assert batch["tokens"].shape == collate(examples, 0, [e.chosen for e in examples])["tokens"].shape
+    _, aux = batch_objective(model, cfg, to_mx(batch))
+
+    full = collate([dataclasses.replace(e, chosen=a, rejected=a) for e, a in zip(examples, long_anchors)], 0)
+    pol_a, _ = _np_logps(model, full)
+    ref_a, _ = _np_logps(base, full)
+    pair = collate(examples, 0)
+    pol, _ = _np_logps(model, pair)
+    ref, _ = _np_logps(base, pair)
+    b = len(examples)
+    for i in range(b):
+        rho_a = np.array(pol_a[i]) - np.array(ref_a[i])
+        assert len(rho_a) == len(long_anchors[i])
+        rho_w, rho_l = (np.array(pol[r]) - np.array(ref[r]) for r in (i, b + i))
+
+        def d(x, y):
+            n = min(len(x), len(y))
+            return ((x[:n] - y[:n]) ** 2).sum()
+
+        want = max(0.0, d(rho_a, rho_w) - d(rho_a, rho_l) + cfg.triplet_margin)
+        assert float(aux["loss_triplet"][i]) == pytest.approx(want, rel=2e-3, abs=1e-5)

@@ -193,3 +193,34 @@ def test_anchor_draw_depends_on_pair_not_batch(tiny_model, data_dir):
     assert together == alone
     assert sample_anchors(model, tok, enc, pairs, cfg, step=4) != together
     assert len({tuple(a) for a in together}) > 1
+
+
+def test_anchor_decoding_stops_past_the_overlap_with_the_same_tokens(tiny_model, data_dir):
+    """Decoding stops SLACK tokens past max(len y_w, len y_l); what the triplet sees (the first
+    `overlap` tokens) is what a full-length sample with the same keys gives."""
+    from mlx_lm.generate import BatchGenerator
+
+    from tidpo_mlx.anchors import SLACK, anchor_seed, keyed_sampler, sample_anchors
+    from tidpo_mlx.data import PairEncoder, load_dataset
+    from tidpo_mlx.models import load_base
+
+    cfg = _cfg(tiny_model, data_dir, "unused", anchor_max_tokens=64, anchor_temperature=1.5, anchor_top_k=0,
+               anchor_top_p=1.0)
+    model, tok, _ = load_base(tiny_model)
+    data = load_dataset(str(data_dir), tok, cfg)
+    enc = PairEncoder(tok, cfg)
+    pairs = data.train[:3]
+    short = sample_anchors(model, tok, enc, pairs, cfg, step=2)
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tok.eos_token_ids], max_tokens=64)
+    uids = gen.insert([p.prompt for p in pairs],
+                      samplers=[keyed_sampler(cfg, anchor_seed(cfg.seed, 2, p.index)) for p in pairs])
+    drawn = {u: [] for u in uids}
+    while responses := gen.next_generated():
+        for r in responses:
+            if r.finish_reason != "stop":
+                drawn[r.uid].append(r.token)
+    gen.close()
+    for p, u, a in zip(pairs, uids, short):
+        full = enc.encode_response(p.source, "anchor", p.messages, p.prompt, tok.decode(drawn[u]))[0]
+        assert len(drawn[u]) > p.overlap + SLACK or len(full) == len(a)
+        assert a[: p.overlap] == full[: p.overlap]

@@ -8,6 +8,13 @@ moment: decoding costs about the same for 2 or 40 prompts on a CPU. Sampling use
 generation and samplers; nothing flows back through it (the tokens are data).
 A sampled anchor is templated like any response: after the same prompt,
 closed by the template, truncated the same way.
+
+Only the first ``max(len(y_w), len(y_l))`` anchor tokens can reach the triplet
+distance (SPEC section 5 sums over the overlap; see ``Example.overlap``), so
+decoding of each pair stops :data:`SLACK` tokens past its overlap instead of
+at ``anchor_max_tokens`` (whichever comes first). Each pair's token t is drawn with its own
+key ``(seed, t)``, so the kept tokens are the ones the full-length sample would
+have had; the slack keeps re-tokenisation of the cut text away from them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example, PairEncoder
+
+
+SLACK = 8
+"""Tokens decoded past a pair's overlap (see the module docstring)."""
 
 
 def anchor_seed(seed: int, step: int, pair_index: int) -> int:
@@ -71,9 +82,10 @@ def sample_anchors(
         return anchors
     training = model.training
     model.eval()
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], max_tokens=cfg.anchor_max_tokens)
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids])
     uids = gen.insert(
         [examples[i].prompt for i in todo],
+        max_tokens=[min(cfg.anchor_max_tokens, examples[i].overlap + SLACK) for i in todo],
         samplers=[keyed_sampler(cfg, anchor_seed(cfg.seed, step, examples[i].index)) for i in todo],
     )
     tokens: dict[int, list[int]] = {uid: [] for uid in uids}

@@ -295,10 +295,10 @@ def train(
         if metrics_log is not None:
             metrics_log.write(record)
 
+    t = time.perf_counter()
     held_out = HeldOut(model, cfg, data.valid, pad_id, world)
     before = None
     if start == 0:
-        t = time.perf_counter()
         before = held_out(policy_is_reference=not cfg.resume_adapter_file)
         log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
         write({"step": 0, "split": "valid", **before})
@@ -369,9 +369,10 @@ def train(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_train
+    t = time.perf_counter()
     after = held_out()
     write({"step": cfg.iters, "split": "valid", **after})
-    log(f"held-out after: {_fmt(after)}")
+    log(f"held-out after ({time.perf_counter() - t:.1f} s): {_fmt(after)}")
     if lead:
         save_adapters(model, out, config)
         summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": size}
