@@ -70,7 +70,7 @@ def test_eval_is_reproducible_and_equals_batch_objective(tiny_model, adapters, p
     for k in range(2):
         out = tmp_path / f"eval{k}.jsonl"
         text = _run(["eval", "--model", str(tiny_model), "--adapter-path", str(adapters), "--data", str(pairs_file),
-                     "--batch-size", "2", "--output", str(out), "--quiet"])
+                     "--batch-size", "2", "--anchor", "sample", "--output", str(out), "--quiet"])
         outs.append(out.read_text())
     assert outs[0] == outs[1]
     assert "reward accuracy" in text and "policy preference accuracy" in text and "mean weighted margin" in text
@@ -79,7 +79,7 @@ def test_eval_is_reproducible_and_equals_batch_objective(tiny_model, adapters, p
     assert list(records[0]) == ["index", "loss", "loss_pref", "loss_triplet", "reward_chosen", "reward_rejected",
                                 "weighted_margin", "logp_chosen", "logp_rejected"]
 
-    cfg = load_config(None, {"model": str(tiny_model)})
+    cfg = load_config(None, {"model": str(tiny_model), "anchor": "sample"})
     model, tok, _ = load_adapted(cfg.model, str(adapters), cfg)
     model.eval()
     pairs = load_pairs(str(pairs_file), tok, cfg)
@@ -94,8 +94,8 @@ def test_eval_is_reproducible_and_equals_batch_objective(tiny_model, adapters, p
 def test_eval_samples_missing_anchors_reproducibly_and_reports_kl(tiny_model, pairs_file, tmp_path):
     rows = [{k: v for k, v in r.items() if k != "anchor"} for r in ROWS[:2]]
     data = write_jsonl(tmp_path / "noanchor.jsonl", rows)
-    args = ["eval", "--model", str(tiny_model), "--data", str(data), "--preset", "official", "--anchor-max-tokens",
-            "4", "--output", "-", "--quiet"]
+    args = ["eval", "--model", str(tiny_model), "--data", str(data), "--preset", "official", "--anchor", "sample",
+            "--anchor-max-tokens", "4", "--output", "-", "--quiet"]
     a, b = _run(args), _run(args)
     assert a == b
     lines = [json.loads(line) for line in a.splitlines() if line.startswith("{")]

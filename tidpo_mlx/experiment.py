@@ -51,10 +51,11 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("dpo", "dpo", {}, "DPO", 3.1),
-        Method("tidpo", "quickstart", {}, "TI-DPO (paper)", 10.5),
-        Method("tidpo-no-triplet", "quickstart", {"gamma": 0.0}, "TI-DPO w/o triplet", 4.2),
-        Method("tidpo-uniform", "quickstart", {"weighting": "uniform"}, "TI-DPO uniform weights", 7.0),
+        Method("dpo", "dpo", {}, "DPO", 3.4),
+        Method("tidpo", "quickstart", {"anchor": "sample"}, "TI-DPO (paper)", 7.2),
+        Method("tidpo-no-triplet", "quickstart", {"anchor": "none"}, "TI-DPO w/o triplet", 4.4),
+        Method("tidpo-uniform", "quickstart", {"anchor": "sample", "weighting": "uniform"}, "TI-DPO uniform weights",
+               5.5),
     ]
 }
 NOISE_LEVELS = (0.0, 0.1, 0.2, 0.4)
@@ -62,15 +63,15 @@ QUICK_METHODS = ("dpo", "tidpo")
 QUICK_NOISE = (0.0, 0.4)
 
 # Sizes. Seconds per step (Method.sec_per_step) and per held-out pair and pass, measured with the
-# built-in SmolLM2-135M (4-bit GGUF, dequantized for CPU) on the bundled arith data, on this
-# project's 2-core CPU machine when idle: DPO 3.1 s, TI-DPO 10.5 s (its 64-token data anchors make
-# every sequence of the batch longer and add a third row per pair), w/o triplet 4.2 s, uniform 7.0 s.
-# A shared machine is several times slower. Default: 32 runs of 12 steps, ~54 min estimated;
-# quick: 4 runs of 6 steps, ~4 min.
-DEFAULT_ITERS, DEFAULT_SEEDS, DEFAULT_VAL_PAIRS = 12, 2, 24
+# built-in SmolLM2-135M (4-bit GGUF, dequantized for CPU) on the bundled arith data, batch 4, on
+# this project's 2-core CPU machine when idle: DPO 3.4 s, TI-DPO 7.2 s (the bundled data anchors
+# add a third row per pair), w/o triplet 4.4 s; uniform (triplet, no attribution) estimated.
+# A shared machine is several times slower. Default: 32 runs of 14 steps, ~50 min estimated;
+# quick: 4 runs of 6 steps, ~3.5 min.
+DEFAULT_ITERS, DEFAULT_SEEDS, DEFAULT_VAL_PAIRS = 14, 2, 32
 QUICK_ITERS, QUICK_SEEDS, QUICK_VAL_PAIRS = 6, 1, 16
-SEC_PER_RUN = 6.0  # model load, data encoding, adapter saving
-SEC_PER_VAL_PAIR = 0.3  # one held-out pass (chosen + rejected); a run makes three (reference, before, after)
+SEC_PER_RUN = 8.0  # model load, data encoding, adapter saving
+SEC_PER_VAL_PAIR = 0.34  # one held-out pass (chosen + rejected); a run makes two (reference = before, after)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def make_plan(
 
 def run_estimate(plan: Plan, method: str, val_pairs: int) -> float:
     """Estimated seconds of one run with the built-in SmolLM2 on a 2-core CPU."""
-    return SEC_PER_RUN + 3 * val_pairs * SEC_PER_VAL_PAIR + plan.iters * METHODS[method].sec_per_step
+    return SEC_PER_RUN + 2 * val_pairs * SEC_PER_VAL_PAIR + plan.iters * METHODS[method].sec_per_step
 
 
 def estimate_seconds(plan: Plan, val_pairs: int) -> float:
