@@ -19,6 +19,10 @@ from tidpo_mlx.importance import attribution, response_weights, span_weights, we
 from tidpo_mlx.models import embed, hidden_states, project, reference_mode
 
 
+ROW_KEYS = ("tokens", "resp_pos", "resp_mask")
+"""The batch arrays :func:`response_logprobs` reads, sliced per group of rows."""
+
+
 def response_logprobs(
     model: nn.Module, embeddings: mx.array, batch: dict[str, mx.array], full: bool
 ) -> tuple[mx.array, mx.array | None]:
@@ -80,12 +84,23 @@ def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -
     mask = batch["resp_mask"]
     need_kl = cfg.loss_type in ("tdpo1", "tdpo2")
     e = embed(model, tokens)
-    logp, logp_full = response_logprobs(model, e, batch, full=need_kl)
+    rows = [slice(0, 2 * b)] + ([slice(2 * b, 3 * b)] if has_anchor else [])
+
+    def logprobs() -> tuple[mx.array, mx.array | None]:
+        """Log-probs of all rows. The pair rows run as their own forward, the very one the
+        attribution runs, so a compiled step computes it once; the anchor rows run apart."""
+        outs = [
+            response_logprobs(model, e[r], {k: batch[k][r] for k in ROW_KEYS}, full=need_kl and i == 0)
+            for i, r in enumerate(rows)
+        ]
+        return mx.concatenate([o[0] for o in outs]), outs[0][1]
+
+    logp, logp_full = logprobs()
 
     aux: dict[str, mx.array] = {}
     if cfg.uses_reference:
         with reference_mode(model):
-            ref_logp, ref_full = response_logprobs(model, e, batch, full=need_kl)
+            ref_logp, ref_full = logprobs()
         ref_logp = mx.stop_gradient(ref_logp)
         rho = logp - ref_logp
         w = token_weights(model, cfg, batch, e, 2 * b)["weights"]
