@@ -177,17 +177,21 @@ def test_amortised_anchors_sample_once_per_block(tiny_model, data_dir, tmp_path,
     assert calls == [4, 4]
 
 
-def test_anchor_draw_depends_on_pair_not_batch(tiny_model, data_dir):
-    from tidpo_mlx.anchors import sample_anchors
+def _sampling(tiny_model, data_dir, max_tokens, n_pairs):
+    """Config (hot, unfiltered sampler), model, tokenizer, encoder and the first training pairs."""
     from tidpo_mlx.data import PairEncoder, load_dataset
     from tidpo_mlx.models import load_base
 
-    cfg = _cfg(tiny_model, data_dir, "unused", anchor_max_tokens=12, anchor_temperature=1.5, anchor_top_k=0,
-               anchor_top_p=1.0)
+    cfg = _cfg(tiny_model, data_dir, "unused", anchor_max_tokens=max_tokens, anchor_temperature=1.5,
+               anchor_top_k=0, anchor_top_p=1.0)
     model, tok, _ = load_base(tiny_model)
-    data = load_dataset(str(data_dir), tok, cfg)
-    enc = PairEncoder(tok, cfg)
-    pairs = data.train[:4]
+    return cfg, model, tok, PairEncoder(tok, cfg), load_dataset(str(data_dir), tok, cfg).train[:n_pairs]
+
+
+def test_anchor_draw_depends_on_pair_not_batch(tiny_model, data_dir):
+    from tidpo_mlx.anchors import sample_anchors
+
+    cfg, model, tok, enc, pairs = _sampling(tiny_model, data_dir, 12, 4)
     together = sample_anchors(model, tok, enc, pairs, cfg, step=3)
     alone = [sample_anchors(model, tok, enc, [p], cfg, step=3)[0] for p in reversed(pairs)][::-1]
     assert together == alone
@@ -201,15 +205,8 @@ def test_anchor_decoding_stops_past_the_overlap_with_the_same_tokens(tiny_model,
     from mlx_lm.generate import BatchGenerator
 
     from tidpo_mlx.anchors import SLACK, anchor_seed, keyed_sampler, sample_anchors
-    from tidpo_mlx.data import PairEncoder, load_dataset
-    from tidpo_mlx.models import load_base
 
-    cfg = _cfg(tiny_model, data_dir, "unused", anchor_max_tokens=64, anchor_temperature=1.5, anchor_top_k=0,
-               anchor_top_p=1.0)
-    model, tok, _ = load_base(tiny_model)
-    data = load_dataset(str(data_dir), tok, cfg)
-    enc = PairEncoder(tok, cfg)
-    pairs = data.train[:3]
+    cfg, model, tok, enc, pairs = _sampling(tiny_model, data_dir, 64, 3)
     short = sample_anchors(model, tok, enc, pairs, cfg, step=2)
     gen = BatchGenerator(model, stop_tokens=[[t] for t in tok.eos_token_ids], max_tokens=64)
     uids = gen.insert([p.prompt for p in pairs],
