@@ -32,6 +32,12 @@ ROWS = [
 ]
 
 
+def np_distance(x, y):
+    """SPEC section 5: d(a, b) = sum of squared differences over the overlapping positions."""
+    n = min(len(x), len(y))
+    return ((x[:n] - y[:n]) ** 2).sum()
+
+
 def _randomise_lora(model, seed=0):
     rng = np.random.default_rng(seed)
     updates = [(k, mx.array(rng.normal(scale=0.05, size=v.shape).astype(np.float32)))
@@ -157,11 +163,7 @@ def test_batch_objective_matches_numpy(setup, preset, loss_type, weighting):
             pref = -np_log_sigmoid(cfg.beta * (h - alpha * (terms["l"]["kl"] - terms["w"]["kl"])))
         rho_a = np.array(pol[2 * b + i]) - np.array(ref[2 * b + i])
 
-        def d(x, y):
-            n = min(len(x), len(y))
-            return ((x[:n] - y[:n]) ** 2).sum()
-
-        trip = max(0.0, d(rho_a, terms["w"]["rho"]) - d(rho_a, terms["l"]["rho"]) + cfg.triplet_margin)
+        trip = max(0.0, np_distance(rho_a, terms["w"]["rho"]) - np_distance(rho_a, terms["l"]["rho"]) + cfg.triplet_margin)
         per_pair.append(pref + cfg.gamma * trip)
         assert float(aux["reward_chosen"][i]) == pytest.approx(cfg.beta * terms["w"]["rho"].sum(), rel=1e-3, abs=1e-5)
     np.testing.assert_allclose(np.array(aux["loss"]), per_pair, rtol=2e-3, atol=1e-5)
@@ -220,9 +222,5 @@ def test_anchor_cut_to_the_pair_keeps_the_triplet_loss(setup):
         assert len(rho_a) == len(long_anchors[i])
         rho_w, rho_l = (np.array(pol[r]) - np.array(ref[r]) for r in (i, b + i))
 
-        def d(x, y):
-            n = min(len(x), len(y))
-            return ((x[:n] - y[:n]) ** 2).sum()
-
-        want = max(0.0, d(rho_a, rho_w) - d(rho_a, rho_l) + cfg.triplet_margin)
+        want = max(0.0, np_distance(rho_a, rho_w) - np_distance(rho_a, rho_l) + cfg.triplet_margin)
         assert float(aux["loss_triplet"][i]) == pytest.approx(want, rel=2e-3, abs=1e-5)

@@ -17,7 +17,9 @@ from typing import Any, Callable, Literal
 
 import click
 
+from tidpo_mlx import experiment as ex
 from tidpo_mlx.config import Config
+from tidpo_mlx.data import read_jsonl
 
 # Config keys that change what eval/importance compute (training-only keys are left out)
 METHOD_KEYS = [
@@ -202,14 +204,22 @@ def _settings(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _listed(shares: tuple[float, ...]) -> str:
+    """Noise shares for help texts: ``0,10,20,40 %``."""
+    return ",".join(f"{100 * p:g}" for p in shares) + " %"
+
+
 @click.command()
-@click.option("--quick", is_flag=True, help="DPO and TI-DPO at 0 and 40 % noise, 1 seed, 6 steps (about 3.5 min).")
-@click.option("--seeds", type=int, default=None, help="Seeds per method and noise level. [default: 2; quick: 1]")
-@click.option("--iters", type=int, default=None, help="Training steps per run. [default: 14; quick: 6]")
+@click.option("--quick", is_flag=True, help=f"{' and '.join(ex.QUICK_METHODS)} at {_listed(ex.QUICK_NOISE)} noise, {ex.QUICK_SEEDS} seed, "
+              f"{ex.QUICK_ITERS} steps (about 3.5 min).")
+@click.option("--seeds", type=int, default=None, help=f"Seeds per method and noise level. [default: {ex.DEFAULT_SEEDS}; quick: {ex.QUICK_SEEDS}]")
+@click.option("--iters", type=int, default=None, help=f"Training steps per run. [default: {ex.DEFAULT_ITERS}; quick: {ex.QUICK_ITERS}]")
 @click.option("--out", default="experiments/label-noise", show_default=True, help="Output folder.")
-@click.option("--val-pairs", type=int, default=None, help="Held-out pairs evaluated (first N of valid.jsonl, -1: all). [default: 32; quick: 16]")
-@click.option("--methods", default=None, help="Comma-separated subset of: dpo, tidpo, tidpo-no-triplet, tidpo-uniform.")
-@click.option("--noise", default=None, help="Comma-separated flipped-label shares (fractions or percents). [default: 0,0.1,0.2,0.4; quick: 0,0.4]")
+@click.option("--val-pairs", type=int, default=None, help=f"Held-out pairs evaluated (first N of valid.jsonl, -1: all). [default: {ex.DEFAULT_VAL_PAIRS}; "
+              f"quick: {ex.QUICK_VAL_PAIRS}]")
+@click.option("--methods", default=None, help=f"Comma-separated subset of: {', '.join(ex.METHODS)}.")
+@click.option("--noise", default=None, help="Comma-separated flipped-label shares (fractions or percents). "
+              f"[default: {_listed(ex.NOISE_LEVELS)}; quick: {_listed(ex.QUICK_NOISE)}]")
 @click.option("--model", default=None, help="Model for every run. [default: the recipes' (built-in SmolLM2)]")
 @click.option("--data", default=None, help="Data folder with train.jsonl and valid.jsonl. [default: arith]")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
@@ -230,16 +240,13 @@ def experiment_command(quick, seeds, iters, out, val_pairs, methods, noise, mode
     from tidpo_mlx.cli import run_guarded
 
     def job() -> None:
-        from tidpo_mlx.data import read_jsonl
-        from tidpo_mlx.experiment import METHODS, estimate_seconds, make_plan, run_experiment, source_folder
-
-        plan = make_plan(
+        plan = ex.make_plan(
             out, quick=quick, seeds=seeds, iters=iters, val_pairs=val_pairs,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
             noise=_floats(noise), model=model, data=data, overrides=_settings(settings),
             keep_adapters=keep_adapters,
         )
-        source = source_folder(plan)
+        source = ex.source_folder(plan)
         train_rows = [r for _, r in read_jsonl(source / "train.jsonl")]
         n_valid = len(read_jsonl(source / "valid.jsonl"))
         n_val = n_valid if plan.val_pairs < 0 else min(plan.val_pairs, n_valid)
@@ -250,13 +257,13 @@ def experiment_command(quick, seeds, iters, out, val_pairs, methods, noise, mode
         click.echo(f"data: {source} ({len(train_rows)} train pairs, {n_val} of {n_valid} held-out pairs); "
                    f"model: {plan.model or 'recipe default'}; output: {plan.out}")
         no_anchor = sum(r.get("anchor") is None for r in train_rows)
-        if no_anchor and any(METHODS[m].overrides.get("anchor") == "sample" for m in plan.methods):
+        if no_anchor and any(ex.METHODS[m].overrides.get("anchor") == "sample" for m in plan.methods):
             click.echo(f"note: {no_anchor} training pairs have no 'anchor': TI-DPO runs sample anchors "
                        "every step (several seconds per step on a CPU)")
-        est = estimate_seconds(plan, n_val)
+        est = ex.estimate_seconds(plan, n_val)
         click.echo(f"estimated time: ~{est / 60:.0f} min (rates measured with the built-in SmolLM2 on an idle "
                    "2-core CPU; a busy machine is slower)")
-        run_experiment(plan, log=click.echo)
+        ex.run_experiment(plan, log=click.echo)
         click.echo(f"results: {plan.out / 'results.md'}, {plan.out / 'results.csv'}"
                    + (f", {plan.out / 'results.png'}" if (plan.out / "results.png").exists() else
                       " (pip install 'tidpo-mlx[plot]' for a plot)"))

@@ -306,8 +306,8 @@ def collate(
     An anchor is cut to :attr:`Example.overlap` tokens: the rest cannot reach
     the triplet distance, so the loss is exactly that of the whole anchor while
     the anchor rows pad no longer than the pair. Masks are inputs, not
-    constants, so compiled graphs can
-    share them between the attribution and the loss forward. Lengths are
+    constants, so compiled graphs can share them between the attribution and
+    the loss forward. Lengths are
     rounded up to ``pad_multiple`` so compiled steps see few distinct shapes
     (each new shape costs a trace of the whole model, ~1 s) while padding stays
     a few tokens (on bundled data, rounding to 32 padded two thirds of the
