@@ -112,6 +112,10 @@ class Config:
         "Attention as plain ops that mx.compile shares between attribution and loss: auto = on CPU.",
         default="auto",
     )
+    shared_prefix: Literal["auto", "true", "false"] = _doc(
+        "Run each pair's prompt once for its chosen/rejected/anchor rows: auto = where exact and supported.",
+        default="auto",
+    )
 
     # method (SPEC.md); the preset fills these, explicit keys win
     preset: Literal["paper", "official"] = _doc("TI-DPO preset: paper or official.", default="paper")

@@ -28,6 +28,9 @@ class DataError(ValueError):
 
 Messages = list[dict[str, str]]
 
+MASKED = -1e9
+"""Additive attention-mask value of a blocked key: finite, as ``fastmath.exp`` needs, and exp gives 0."""
+
 
 @dataclass
 class Example:
@@ -296,30 +299,37 @@ def collate(
     pad_id: int,
     anchors: Sequence[list[int]] | None = None,
     pad_multiple: int = 8,
+    shared_prefix: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Right-padded arrays for chosen, rejected (and anchor) sequences, stacked in that order.
+    """Right-padded arrays for chosen, rejected (and anchor) rows, stacked in that order.
 
     Returns ``tokens`` (N, L), ``seq_mask`` (N, L: real tokens), ``resp_span``
     (N, L: response tokens), ``resp_pos`` (N, R: position of response token r),
     ``resp_mask`` (N, R), ``last`` (N: last real position) and ``pair_index``
     (B: the pairs' positions in their file), with N = 2B (3B with anchors).
+    A row is the whole sequence ``x ++ y``; with ``shared_prefix`` (the layout
+    of ``prefix.py``) it is the *chunk* ``x[-1:] ++ y`` and these arrays index
+    the chunk, plus ``prompt_tokens`` / ``prompt_mask`` (B, P: ``x[:-1]``, run
+    once per pair), ``positions`` (N, L: absolute positions of the chunk) and
+    ``attn_mask`` (N, L, P + L: additive, 0 where a chunk position may attend
+    to a prompt position, then to a chunk position, else :data:`MASKED`).
     An anchor is cut to :attr:`Example.overlap` tokens: the rest cannot reach
     the triplet distance, so the loss is exactly that of the whole anchor while
     the anchor rows pad no longer than the pair. Masks are inputs, not
     constants, so compiled graphs can share them between the attribution and
-    the loss forward. Lengths are
-    rounded up to ``pad_multiple`` so compiled steps see few distinct shapes
-    (each new shape costs a trace of the whole model, ~1 s) while padding stays
-    a few tokens (on bundled data, rounding to 32 padded two thirds of the
-    batches from at most 75 to 96 positions).
+    the loss forward. Lengths are rounded up to ``pad_multiple`` so compiled
+    steps see few distinct shapes (each new shape costs a trace of the whole
+    model, ~1 s) while padding stays a few tokens (on bundled data, rounding
+    to 32 padded two thirds of the batches from at most 75 to 96 positions).
     """
     groups = [[e.chosen for e in examples], [e.rejected for e in examples]]
     if anchors is not None:
         groups.append([a[: e.overlap] for e, a in zip(examples, anchors)])
-    prompts = [e.prompt for e in examples] * len(groups)
+    cut = 1 if shared_prefix else 0
+    heads = [e.prompt[len(e.prompt) - 1:] if shared_prefix else e.prompt for e in examples] * len(groups)
     responses = [r for g in groups for r in g]
     n = len(responses)
-    L = _round_up(max(len(p) + len(r) for p, r in zip(prompts, responses)), pad_multiple)
+    L = _round_up(max(len(p) + len(r) for p, r in zip(heads, responses)), pad_multiple)
     R = _round_up(max(len(r) for r in responses), pad_multiple)
     tokens = np.full((n, L), pad_id, dtype=np.int32)
     seq_mask = np.zeros((n, L), dtype=np.float32)
@@ -327,7 +337,7 @@ def collate(
     resp_pos = np.zeros((n, R), dtype=np.int32)
     resp_mask = np.zeros((n, R), dtype=np.float32)
     last = np.zeros((n,), dtype=np.int32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(heads, responses)):
         seq = p + r
         tokens[i, : len(seq)] = seq
         seq_mask[i, : len(seq)] = 1.0
@@ -336,7 +346,7 @@ def collate(
         resp_pos[i, len(r):] = len(p)
         resp_mask[i, : len(r)] = 1.0
         last[i] = len(seq) - 1
-    return dict(
+    batch = dict(
         pair_index=np.array([e.index for e in examples], dtype=np.int32),
         tokens=tokens,
         seq_mask=seq_mask,
@@ -345,6 +355,26 @@ def collate(
         resp_mask=resp_mask,
         last=last,
     )
+    if shared_prefix:
+        prompts = [e.prompt[: len(e.prompt) - cut] for e in examples]
+        P = _round_up(max(1, *(len(p) for p in prompts)), pad_multiple)
+        prompt_tokens = np.full((len(examples), P), pad_id, dtype=np.int32)
+        prompt_mask = np.zeros((len(examples), P), dtype=np.float32)
+        for i, p in enumerate(prompts):
+            prompt_tokens[i, : len(p)] = p
+            prompt_mask[i, : len(p)] = 1.0
+        starts = np.array([len(p) for p in prompts] * len(groups))
+        chunk = np.arange(L)
+        to_prompt = np.arange(P)[None, None, :] < starts[:, None, None]
+        to_chunk = chunk[None, None, :] <= chunk[None, :, None]
+        allowed = np.concatenate([np.broadcast_to(to_prompt, (n, L, P)), np.broadcast_to(to_chunk, (n, L, L))], axis=-1)
+        batch.update(
+            prompt_tokens=prompt_tokens,
+            prompt_mask=prompt_mask,
+            positions=(starts[:, None] + chunk[None, :]).astype(np.int32),
+            attn_mask=np.where(allowed, 0.0, MASKED).astype(np.float32),
+        )
+    return batch
 
 
 def batch_order(examples: Sequence[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -30,6 +30,7 @@ from tidpo_mlx.data import DataError, Example, PairEncoder, collate, eval_batche
 from tidpo_mlx.importance import attribution, gaussian_prior, response_weights
 from tidpo_mlx.models import embed
 from tidpo_mlx.objective import batch_objective, to_mx, token_weights
+from tidpo_mlx.prefix import active as shared_prefix_active
 
 PER_PAIR_KEYS = (
     "loss",
@@ -121,11 +122,12 @@ def evaluate_pairs(
     model.eval()
     pad = pad_id_of(tokenizer)
     sample = anchors_needed(cfg)
+    shared_prefix = shared_prefix_active(model, cfg)
     records: dict[int, dict[str, Any]] = {}
     try:
         for batch_examples in eval_batches(pairs.examples, batch_size):
             anchors = pair_anchors(model, tokenizer, pairs.encoder, batch_examples, cfg) if sample else None
-            batch = to_mx(collate(batch_examples, pad, anchors))
+            batch = to_mx(collate(batch_examples, pad, anchors, shared_prefix=shared_prefix))
             mx.random.seed(_batch_seed(cfg, batch_examples[0].index))
             _, aux = batch_objective(model, cfg, batch)
             mx.eval(aux)

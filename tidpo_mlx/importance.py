@@ -13,11 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from tidpo_mlx.models import embed, hidden_states, project
+from tidpo_mlx.prefix import Prefix
 
 EPS = 1e-8
 
 
-def attribution(model: nn.Module, embeddings: mx.array, last: mx.array) -> mx.array:
+def attribution(model: nn.Module, embeddings: mx.array, last: mx.array, prefix: Prefix | None = None) -> mx.array:
     """Gradient attribution ``I_i = || d target / d E_i ||_1`` (SPEC section 1).
 
     ``target`` is the max over the vocabulary of the policy logits at the last
@@ -25,11 +26,13 @@ def attribution(model: nn.Module, embeddings: mx.array, last: mx.array) -> mx.ar
     to the embeddings ``E`` only (the parameters are constants here) and its
     result is cut from the graph with ``stop_gradient``. Sequences do not
     interact, so the gradient of the summed targets gives every sequence its own.
-    Returns (N, L).
+    With a ``prefix`` the embeddings are shared-prefix chunks and the prompt
+    keys/values are constants: the result is exact at the chunk positions,
+    which hold every response token (``prefix.py``). Returns (N, L).
     """
 
     def target(e: mx.array) -> mx.array:
-        h = hidden_states(model, e)
+        h = hidden_states(model, e, prefix)
         h_last = mx.take_along_axis(h, last[:, None, None], axis=1)
         return project(model, h_last).max(axis=-1).sum()
 

@@ -20,7 +20,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from tidpo_mlx import prefix as shared
 from tidpo_mlx.config import ALL_LINEAR, Config, LoRAParameters
+from tidpo_mlx.prefix import Prefix, response_hidden_states
 
 
 class ModelError(ValueError):
@@ -180,6 +182,11 @@ def load_base(path: Path, dequantize: str = "auto", plain_attention: str = "auto
                 plain.restore_fused_attention(model)
                 raise ModelError(f"{path}: plain-op attention differs from the fused one by {diff:.2e} of the logit scale")
             notes.append(f"attention as plain ops in {swapped} blocks (CPU; logits match fused to {diff:.1e})")
+            if shared.supported(model):
+                diff = shared.max_difference(model)
+                if diff > 1e-4:
+                    raise ModelError(f"{path}: the shared-prefix forward differs from full rows by {diff:.2e}")
+                notes.append(f"shared-prefix forward available (matches full rows to {diff:.1e})")
         elif plain_attention == "true":
             raise ModelError(f"{path}: plain_attention: true, but no block of this model type supports it")
     return model, tokenizer, notes
@@ -190,8 +197,14 @@ def embed(model: nn.Module, tokens: mx.array) -> mx.array:
     return model.model.embed_tokens(tokens)
 
 
-def hidden_states(model: nn.Module, embeddings: mx.array) -> mx.array:
-    """Final hidden states (after the last norm) from input embeddings."""
+def hidden_states(model: nn.Module, embeddings: mx.array, prefix: Prefix | None = None) -> mx.array:
+    """Final hidden states (after the last norm) from input embeddings.
+
+    With a ``prefix`` the embeddings are the chunks of the shared-prefix
+    layout, run after their prompts (``prefix.py``).
+    """
+    if prefix is not None:
+        return response_hidden_states(model, embeddings, prefix)
     return model.model(None, input_embeddings=embeddings)
 
 

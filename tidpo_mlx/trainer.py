@@ -39,7 +39,8 @@ from tidpo_mlx.models import (
     resolve_model,
     save_adapters,
 )
-from tidpo_mlx.objective import batch_objective, response_logprobs, to_mx
+from tidpo_mlx.objective import batch_logprobs, batch_objective, to_mx
+from tidpo_mlx.prefix import active as shared_prefix_active
 
 CHECKPOINTS = "checkpoints"
 
@@ -104,7 +105,9 @@ class HeldOut:
     once per shape costs more than the compiled forward saves.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, examples: list[Example], pad_id: int, world: Any):
+    def __init__(
+        self, model: nn.Module, cfg: Config, examples: list[Example], pad_id: int, world: Any, shared_prefix: bool
+    ):
         self.model = model
         self.cfg = cfg
         self.world = world
@@ -112,7 +115,8 @@ class HeldOut:
         self.pairs = 0
         for k, b in enumerate(eval_batches(examples, 2 * cfg.batch_size, cfg.val_batches)):
             if k % world.size() == world.rank():
-                self.batches.append((to_mx(collate(b, pad_id)), np.arange(self.pairs, self.pairs + len(b))))
+                batch = to_mx(collate(b, pad_id, shared_prefix=shared_prefix))
+                self.batches.append((batch, np.arange(self.pairs, self.pairs + len(b))))
             self.pairs += len(b)
         self.ref = None
         if cfg.uses_reference:
@@ -120,7 +124,7 @@ class HeldOut:
                 self.ref = self._run(self._sums)
 
     def _sums(self, batch: dict[str, mx.array]) -> mx.array:
-        logp, _ = response_logprobs(self.model, embed(self.model, batch["tokens"]), batch, full=False)
+        logp, _ = batch_logprobs(self.model, batch, embed(self.model, batch["tokens"]), [slice(None)], full=False)
         return logp.sum(axis=-1)
 
     def _run(self, fn: Callable[[dict[str, mx.array]], mx.array]) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +300,10 @@ def train(
             metrics_log.write(record)
 
     t = time.perf_counter()
-    held_out = HeldOut(model, cfg, data.valid, pad_id, world)
+    shared_prefix = shared_prefix_active(model, cfg)
+    if shared_prefix:
+        log("  shared prefix: each pair's prompt runs once for its chosen/rejected/anchor rows")
+    held_out = HeldOut(model, cfg, data.valid, pad_id, world, shared_prefix)
     before = None
     if start == 0:
         before = held_out(policy_is_reference=not cfg.resume_adapter_file)
@@ -327,7 +334,7 @@ def train(
             if cfg.uses_triplet and cfg.anchor == "sample":
                 anchors = anchor_source.for_batch(step, micro, examples)
             mx.random.seed(micro_seed(cfg.seed, micro))
-            loss, aux, g = grad_step(to_mx(collate(examples, pad_id, anchors)))
+            loss, aux, g = grad_step(to_mx(collate(examples, pad_id, anchors, shared_prefix=shared_prefix)))
             mx.eval(loss, aux, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             ntoks = ntoks + aux.pop("ntoks")
