@@ -1,10 +1,13 @@
 """tidpo-mlx: Token-Importance Guided DPO (TI-DPO) with LoRA on MLX.
 
-The fast BLAS is loaded here, before anything imports mlx (see ``blas.py``).
+The fast BLAS is loaded here, before anything imports mlx (see ``blas.py``),
+and glibc's malloc is tuned for MLX's CPU allocator (``allocator.py``).
 """
 
+from tidpo_mlx.allocator import tune as _tune_allocator
 from tidpo_mlx.blas import preload as _preload_blas
 
 _preload_blas()
+_tune_allocator()
 
 __version__ = "0.1.0"

@@ -1,11 +1,12 @@
 """Triplet anchors (SPEC.md section 5): responses sampled from the current policy.
 
 The released code samples a fresh anchor every step with top-k 50, top-p 0.95,
-temperature 0.8 and at most 64 new tokens (``anchor_every: 1``). With
+temperature 0.8 and at most 64 new tokens (``anchor_every: 1``), applied in
+Hugging Face ``generate``'s order: temperature, top-k, top-p. With
 ``anchor_every: K > 1`` (amortised, a documented departure) the anchors of the
 next K steps' pairs are sampled in one batched call from the policy of that
 moment: decoding costs about the same for 2 or 40 prompts on a CPU. Sampling uses mlx-lm's batched
-generation and samplers; nothing flows back through it (the tokens are data).
+generation; nothing flows back through it (the tokens are data).
 A sampled anchor is templated like any response: after the same prompt,
 closed by the template, truncated the same way.
 
@@ -24,7 +25,6 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example, PairEncoder
@@ -40,24 +40,46 @@ def anchor_seed(seed: int, step: int, pair_index: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + pair_index * 7_919) % (2**31)
 
 
-def keyed_sampler(cfg: Config, seed: int) -> Callable[[mx.array], mx.array]:
-    """The released sampler (temperature, top-p, top-k) with its own random key per pair.
+def filter_logits(logits: mx.array, top_k: int, top_p: float) -> tuple[mx.array, mx.array | None]:
+    """Top-k, then top-p, of tempered logits (n, V), in Hugging Face ``generate``'s order.
 
-    Token ``t`` of the pair is drawn with the key ``(seed, t)``; mlx-lm's
-    filters do the top-p / top-k work.
+    Returns the kept candidates' logits (``-inf`` where top-p drops one) and
+    their vocabulary ids (None: the candidates are the whole vocabulary in
+    order). Top-k picks the k largest with ``argpartition`` (linear in V), so
+    the top-p sort runs over k values instead of the 49k vocabulary. Top-p
+    keeps a candidate when the probability of the candidates strictly more
+    likely is below ``top_p`` (the most likely one always stays), as
+    ``TopPLogitsWarper`` does.
+    """
+    ids = None
+    if 0 < top_k < logits.shape[-1]:
+        ids = mx.argpartition(-logits, top_k - 1, axis=-1)[..., :top_k]
+        logits = mx.take_along_axis(logits, ids, axis=-1)
+    if 0 < top_p < 1.0:
+        order = mx.argsort(-logits, axis=-1)
+        logits = mx.take_along_axis(logits, order, axis=-1)
+        ids = order if ids is None else mx.take_along_axis(ids, order, axis=-1)
+        probs = mx.softmax(logits, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs
+        logits = mx.where(before < top_p, logits, -mx.inf)
+    return logits, ids
+
+
+def keyed_sampler(cfg: Config, seed: int) -> Callable[[mx.array], mx.array]:
+    """The released sampler (temperature, top-k, top-p) with its own random key per pair.
+
+    Token ``t`` of the pair is drawn with the key ``(seed, t)``.
     """
     counter = [0]
 
     def sampler(logprobs: mx.array) -> mx.array:
-        if 0 < cfg.anchor_top_p < 1.0:
-            logprobs = apply_top_p(logprobs, cfg.anchor_top_p)
-        if cfg.anchor_top_k > 0:
-            logprobs = apply_top_k(logprobs, cfg.anchor_top_k)
-        key = mx.random.key((seed + 104_729 * counter[0]) % (2**31))
-        counter[0] += 1
         if cfg.anchor_temperature == 0:
             return mx.argmax(logprobs, axis=-1)
-        return mx.random.categorical(logprobs * (1.0 / cfg.anchor_temperature), key=key)
+        key = mx.random.key((seed + 104_729 * counter[0]) % (2**31))
+        counter[0] += 1
+        logits, ids = filter_logits(logprobs * (1.0 / cfg.anchor_temperature), cfg.anchor_top_k, cfg.anchor_top_p)
+        pick = mx.random.categorical(logits, key=key)
+        return pick if ids is None else mx.take_along_axis(ids, pick[..., None], axis=-1)[..., 0]
 
     return sampler
 

@@ -6,6 +6,7 @@ import platform
 import time
 from importlib import metadata
 
+from tidpo_mlx import allocator
 from tidpo_mlx.blas import OPT_OUT_ENV, STATUS
 
 import mlx.core as mx
@@ -42,6 +43,7 @@ def report() -> list[str]:
         f"mlx-lm:     {_version('mlx-lm')}",
         f"device:     {info.get('device_name', 'unknown')} ({info.get('architecture', '?')})",
         f"blas:       {STATUS.state}{': ' + STATUS.detail if STATUS.detail else ''}",
+        f"malloc:     {allocator.STATUS}",
         f"gemm fp32:  {gflops:.1f} GFLOP/s (1024 x 1024 matmul)",
     ]
     if device.type == mx.DeviceType.cpu and gflops < SLOW_GFLOPS:

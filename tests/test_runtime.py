@@ -1,0 +1,40 @@
+"""Process-level setup on Linux: OpenBLAS before mlx, glibc malloc tuned, both reported by doctor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU setup")
+
+PROBE = "import tidpo_mlx.blas as b, tidpo_mlx.allocator as a; print(b.STATUS.state); print(a.STATUS)"
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TIDPO_MLX_NO_")}
+    return subprocess.run([sys.executable, "-c", code], env={**full, **env}, capture_output=True, text=True, check=True)
+
+
+def test_fresh_process_gets_openblas_and_tuned_malloc():
+    state, malloc = _run(PROBE).stdout.split("\n")[:2]
+    assert state == "openblas"
+    assert malloc.startswith("glibc: mmap threshold")
+
+
+def test_opt_outs_are_honoured():
+    out = _run(PROBE, TIDPO_MLX_NO_OPENBLAS="1", TIDPO_MLX_NO_MALLOPT="1").stdout.split("\n")
+    assert out[0] == "disabled" and out[1].startswith("off")
+
+
+def test_mlx_first_warns():
+    res = _run("import mlx.core; import tidpo_mlx.blas as b; print(b.STATUS.state)")
+    assert res.stdout.strip() == "too late"
+    assert "Import tidpo_mlx first" in res.stderr
+
+
+def test_doctor_reports_blas_and_malloc():
+    out = subprocess.run([sys.executable, "-m", "tidpo_mlx.cli", "doctor"], capture_output=True, text=True, check=True).stdout
+    assert "blas:" in out and "malloc:     glibc" in out and "GFLOP/s" in out
