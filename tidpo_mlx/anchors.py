@@ -104,7 +104,12 @@ def sample_anchors(
         return anchors
     training = model.training
     model.eval()
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids])
+    gen = BatchGenerator(
+        model,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        completion_batch_size=len(todo),
+        prefill_batch_size=len(todo),
+    )
     uids = gen.insert(
         [examples[i].prompt for i in todo],
         max_tokens=[min(cfg.anchor_max_tokens, examples[i].overlap + SLACK) for i in todo],
