@@ -29,13 +29,12 @@ def test_masked_scores_give_exact_zeros():
     assert probs[0, 1] == 0.0 and abs(probs.sum() - 1.0) < 1e-6
 
 
-def test_silu_softmax_logsumexp_and_their_gradients():
+def test_silu_softmax_and_their_gradients():
     x = mx.random.normal((8, 300), key=mx.random.key(0)) * 5
     y = mx.random.normal((8, 300), key=mx.random.key(1))
     pairs = [
         (fastmath.silu, nn.silu),
         (lambda a: fastmath.softmax(a, axis=-1), lambda a: mx.softmax(a, axis=-1)),
-        (lambda a: fastmath.logsumexp(a, axis=-1, keepdims=True), lambda a: mx.logsumexp(a, axis=-1, keepdims=True)),
     ]
     for ours, theirs in pairs:
         np.testing.assert_allclose(np.array(ours(x)), np.array(theirs(x)), rtol=1e-5, atol=1e-6)

@@ -15,11 +15,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from tidpo_mlx import fastmath, losses
+from tidpo_mlx import losses
 from tidpo_mlx.config import Config
 from tidpo_mlx.importance import attribution, response_weights, span_weights, weights_entropy
 from tidpo_mlx.models import embed, hidden_states, project, reference_mode
-from tidpo_mlx.plain_attention import PromptKV, uses_plain_ops
+from tidpo_mlx.plain_attention import PromptKV
 from tidpo_mlx.prefix import Prefix, prompt_pass
 
 
@@ -52,8 +52,7 @@ def response_logprobs(
     h = mx.take_along_axis(h, (pos - 1)[..., None], axis=1)
     logits = project(model, h).astype(mx.float32)
     targets = mx.take_along_axis(batch["tokens"], pos, axis=1)
-    logsumexp = fastmath.logsumexp if uses_plain_ops(model) else mx.logsumexp
-    logz = logsumexp(logits, axis=-1, keepdims=True)
+    logz = mx.logsumexp(logits, axis=-1, keepdims=True)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1) - logz
     logp = picked[..., 0] * batch["resp_mask"]
     return logp, (logits - logz if full else None)

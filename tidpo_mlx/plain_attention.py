@@ -172,11 +172,6 @@ def plain_classes() -> set[type]:
     return set(_classes.values())
 
 
-def uses_plain_ops(model: nn.Module) -> bool:
-    """Whether the model runs the plain-op CPU path (then log-softmaxes use ``fastmath`` too)."""
-    return type(getattr(model.model.layers[0], "self_attn", None)) in _classes.values()
-
-
 def restore_fused_attention(model: nn.Module) -> None:
     """Undo :func:`use_plain_attention`."""
     for layer in model.layers:
