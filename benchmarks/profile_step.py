@@ -1,11 +1,14 @@
 """Where the time of our DPO and TI-DPO steps goes, measured in one process, interleaved.
 
-    python benchmarks/profile_step.py [--reps 12] [--data arith] [--tokens 53]
+    python benchmarks/profile_step.py [--reps 12] [--data arith] [--tokens 53] [--no-fused]
 
 Same configuration as benchmarks/run.py (batch 2 pairs, LoRA r8 on 7 linears
 of the last 16 blocks, float32). Every piece is compiled and timed on the same
-batch, round-robin (so load drift hits all pieces alike), median of --reps
-rounds after 3 warm-up rounds:
+pairs, round-robin in bursts of 3 calls (so load drift hits all pieces
+alike), median of the last 2 calls of each burst over --reps rounds after a
+warm-up round; "whole" runs every row as the full sequence,
+"shared" each pair's prompt once (the layout the trainer uses on CPU,
+``tidpo_mlx/prefix.py``):
 
   forward            policy log-probs at the response positions (no grad)
   forward+reference  policy and reference (adapters off) log-probs
@@ -13,7 +16,7 @@ rounds after 3 warm-up rounds:
   dpo grad           our DPO value_and_grad (reference inside), as the trainer compiles it
   tidpo grad         TI-DPO (triplet off) value_and_grad, attribution inside
   update             clip + AdamW
-  ... and the two grads again with mlx's fused attention/RoPE (plain_attention false)
+  ... and the two grads again, whole rows, with mlx's fused attention/RoPE (plain_attention false)
 
 If the compiler shared nothing, tidpo grad = dpo grad + attribution; the report
 shows how much of the attribution the compiled step actually pays.
@@ -36,10 +39,14 @@ from run import BATCH, LEARNING_RATE, LORA, NUM_LAYERS, SEED, load_avg  # noqa: 
 
 from tidpo_mlx.config import build_config  # noqa: E402
 from tidpo_mlx.data import collate, load_dataset  # noqa: E402
-from tidpo_mlx.importance import attribution  # noqa: E402
 from tidpo_mlx.models import attach_lora, embed, load_base, reference_mode, resolve_model  # noqa: E402
-from tidpo_mlx.objective import response_logprobs, to_mx  # noqa: E402
+from tidpo_mlx.objective import batch_logprobs, to_mx, token_weights  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
+
+LAYOUTS = ("whole", "shared")
+BURST = 3
+"""Calls of a piece in a row per round; the first of each burst is not timed (a switch between
+compiled graphs made the next call up to 20 % slower in single-call round-robin)."""
 
 
 def config(plain: str, **extra):
@@ -50,8 +57,8 @@ def config(plain: str, **extra):
     ))
 
 
-def pieces(plain: str, batch: dict[str, mx.array]) -> dict[str, callable]:
-    """Compiled pieces of one model (plain-op or fused attention)."""
+def pieces(plain: str, batches: dict[str, dict[str, mx.array]]) -> dict[str, tuple[callable, dict[str, mx.array]]]:
+    """Compiled pieces of one model (plain-op or fused attention), each with the batch it runs on."""
     dpo_cfg = config(plain, loss_type="dpo", weighting="none", gamma=0.0)
     tidpo_cfg = config(plain, gamma=0.0)
     mx.random.seed(SEED)
@@ -64,23 +71,18 @@ def pieces(plain: str, batch: dict[str, mx.array]) -> dict[str, callable]:
     tidpo_grad, _ = compile_steps(model, tidpo_cfg, opt)
     state = [model.state]
 
-    def forward(b):
-        return response_logprobs(model, embed(model, b["tokens"]), b, full=False)[0]
+    def logprobs(b):
+        return batch_logprobs(model, b, embed(model, b["tokens"]), [slice(None)], False)[0]
 
     def forward_ref(b):
-        e = embed(model, b["tokens"])
-        logp = response_logprobs(model, e, b, full=False)[0]
         with reference_mode(model):
-            ref = response_logprobs(model, e, b, full=False)[0]
-        return logp, ref
+            ref = logprobs(b)
+        return logprobs(b), ref
 
     def attrib(b):
-        model.train(False)
-        out = attribution(model, embed(model, b["tokens"]), b["last"])
-        model.train(True)
-        return out
+        return token_weights(model, tidpo_cfg, b, embed(model, b["tokens"]), b["tokens"].shape[0])["importance"]
 
-    fwd = mx.compile(forward, inputs=state)
+    fwd = mx.compile(logprobs, inputs=state)
     fwd_ref = mx.compile(forward_ref, inputs=state)
     att = mx.compile(attrib, inputs=state)
     grads = {}
@@ -93,16 +95,19 @@ def pieces(plain: str, batch: dict[str, mx.array]) -> dict[str, callable]:
         return tidpo_grad(b)[2]
 
     def upd(b):
-        if "g" not in grads:
-            grads["g"] = dpo_grad(b)[2]
-            mx.eval(grads["g"])
         update(grads["g"])
         return model.parameters(), opt.state
 
-    if plain == "true":
-        return {"forward": fwd, "forward+reference": fwd_ref, "attribution": att,
-                "dpo grad": dpo, "tidpo grad": tidpo, "update": upd}
-    return {"dpo grad (fused attention)": dpo, "tidpo grad (fused attention)": tidpo}
+    if plain == "false":
+        return {"dpo grad, whole (fused attention)": (dpo, batches["whole"]),
+                "tidpo grad, whole (fused attention)": (tidpo, batches["whole"])}
+    out = {}
+    for layout in LAYOUTS:
+        for name, fn in (("forward", fwd), ("forward+reference", fwd_ref), ("attribution", att),
+                         ("dpo grad", dpo), ("tidpo grad", tidpo)):
+            out[f"{name}, {layout}"] = (fn, batches[layout])
+    out["update"] = (upd, batches["shared"])
+    return out
 
 
 def main() -> None:
@@ -119,32 +124,33 @@ def main() -> None:
     del model
     examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - args.tokens), e.index))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batch = to_mx(collate(examples[:BATCH], pad))
-    print(f"batch tokens {tuple(batch['tokens'].shape)}, response positions {tuple(batch['resp_pos'].shape)}; "
-          f"load {load_avg()}")
+    batches = {layout: to_mx(collate(examples[:BATCH], pad, shared_prefix=layout == "shared")) for layout in LAYOUTS}
+    shared = batches["shared"]
+    print(f"whole rows {tuple(batches['whole']['tokens'].shape)}; shared: prompts {tuple(shared['prompt_tokens'].shape)}"
+          f" + chunks {tuple(shared['tokens'].shape)}; load {load_avg()}")
 
-    fns = pieces("true", batch)
+    fns = pieces("true", batches)
     if not args.no_fused:
-        fns.update(pieces("false", batch))
+        fns.update(pieces("false", batches))
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(args.reps + 3):
-        for name, fn in fns.items():
-            tic = time.perf_counter()
-            mx.eval(fn(batch))
-            if rep >= 3:
-                times[name].append(time.perf_counter() - tic)
+    for rep in range(args.reps + 1):
+        for name, (fn, batch) in fns.items():
+            for call in range(BURST):
+                tic = time.perf_counter()
+                mx.eval(fn(batch))
+                if rep >= 1 and call > 0:
+                    times[name].append(time.perf_counter() - tic)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{'piece':34s} {'ms':>8s}   (median of {args.reps}; load now {load_avg()})")
+    print(f"\n{'piece':34s} {'ms':>8s}   (median of {(BURST - 1) * args.reps} calls; load now {load_avg()})")
     for k, v in med.items():
         print(f"{k:34s} {1000 * v:8.1f}")
-    d, t, a = med["dpo grad"], med["tidpo grad"], med["attribution"]
-    print(f"\ntidpo grad / dpo grad                {t / d:.2f}")
-    print(f"(dpo grad + attribution) / dpo grad  {(d + a) / d:.2f}   (if nothing were shared)")
-    print(f"attribution paid inside the step     {(t - d) / a:.0%} of its stand-alone time")
-    if "dpo grad (fused attention)" in med:
-        df, tf = med["dpo grad (fused attention)"], med["tidpo grad (fused attention)"]
-        print(f"with fused attention: dpo {1000 * df:.0f} ms, tidpo {1000 * tf:.0f} ms, ratio {tf / df:.2f}")
-
+    for layout in LAYOUTS:
+        d, t, a = (med[f"{k}, {layout}"] for k in ("dpo grad", "tidpo grad", "attribution"))
+        print(f"\n{layout}: tidpo grad / dpo grad {t / d:.2f}; (dpo grad + attribution) / dpo grad {(d + a) / d:.2f}"
+              f" (if nothing were shared); attribution paid inside the step: {(t - d) / a:.0%} of its stand-alone time")
+    if "dpo grad, whole (fused attention)" in med:
+        df, tf = med["dpo grad, whole (fused attention)"], med["tidpo grad, whole (fused attention)"]
+        print(f"fused attention, whole rows: dpo {1000 * df:.0f} ms, tidpo {1000 * tf:.0f} ms, ratio {tf / df:.2f}")
 
 if __name__ == "__main__":
     main()
