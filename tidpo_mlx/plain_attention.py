@@ -91,10 +91,13 @@ def _attend(self: nn.Module, q: mx.array, k: mx.array, v: mx.array, mask: mx.arr
 
 
 def _plain_mlp_call(self: nn.Module, x: mx.array) -> mx.array:
+    """The llama/qwen2 MLP with the polynomial-exp SwiGLU."""
     return self.down_proj(fastmath.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _plain_call(self: nn.Module, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    """Causal self-attention of whole rows, or a prompt / response pass of the shared-prefix forward;
+    any other cache or mask goes to the block's own implementation."""
     parent = type(self).__mro__[1]
     shared = isinstance(cache, (PromptKV, PrefixContext))
     if not shared and (cache is not None or not (mask is None or isinstance(mask, str))):
@@ -142,6 +145,7 @@ def _eligible_mlp(mlp: nn.Module | None) -> bool:
 
 
 def _swap(module: nn.Module, call: Any) -> None:
+    """Give ``module`` a subclass of its class whose ``__call__`` is ``call`` (one subclass per class)."""
     cls = type(module)
     if cls not in _classes:
         _classes[cls] = type(f"Plain{cls.__name__}", (cls,), {"__call__": call})
