@@ -325,8 +325,7 @@ def collate(
     groups = [[e.chosen for e in examples], [e.rejected for e in examples]]
     if anchors is not None:
         groups.append([a[: e.overlap] for e, a in zip(examples, anchors)])
-    cut = 1 if shared_prefix else 0
-    heads = [e.prompt[len(e.prompt) - 1:] if shared_prefix else e.prompt for e in examples] * len(groups)
+    heads = [e.prompt[-1:] if shared_prefix else e.prompt for e in examples] * len(groups)
     responses = [r for g in groups for r in g]
     n = len(responses)
     L = _round_up(max(len(p) + len(r) for p, r in zip(heads, responses)), pad_multiple)
@@ -356,7 +355,7 @@ def collate(
         last=last,
     )
     if shared_prefix:
-        prompts = [e.prompt[: len(e.prompt) - cut] for e in examples]
+        prompts = [e.prompt[:-1] for e in examples]
         P = _round_up(max(1, *(len(p) for p in prompts)), pad_multiple)
         prompt_tokens = np.full((len(examples), P), pad_id, dtype=np.int32)
         prompt_mask = np.zeros((len(examples), P), dtype=np.float32)

@@ -22,7 +22,6 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from tidpo_mlx import prefix as shared
 from tidpo_mlx.config import ALL_LINEAR, Config, LoRAParameters
-from tidpo_mlx.prefix import Prefix, response_hidden_states
 
 
 class ModelError(ValueError):
@@ -197,14 +196,14 @@ def embed(model: nn.Module, tokens: mx.array) -> mx.array:
     return model.model.embed_tokens(tokens)
 
 
-def hidden_states(model: nn.Module, embeddings: mx.array, prefix: Prefix | None = None) -> mx.array:
+def hidden_states(model: nn.Module, embeddings: mx.array, prefix: shared.Prefix | None = None) -> mx.array:
     """Final hidden states (after the last norm) from input embeddings.
 
     With a ``prefix`` the embeddings are the chunks of the shared-prefix
     layout, run after their prompts (``prefix.py``).
     """
     if prefix is not None:
-        return response_hidden_states(model, embeddings, prefix)
+        return shared.response_hidden_states(model, embeddings, prefix)
     return model.model(None, input_embeddings=embeddings)
 
 

@@ -32,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from tidpo_mlx.config import Config, ConfigError
+from tidpo_mlx.data import Example, collate
 from tidpo_mlx.plain_attention import SUPPORTED, PrefixContext, PromptKV, plain_classes
 
 
@@ -42,10 +43,6 @@ class Prefix:
     kv: list[PromptKV]
     positions: mx.array
     mask: mx.array
-
-    def rows(self, rows: slice) -> "Prefix":
-        """The same prompts for a slice of the rows (a whole number of pair groups)."""
-        return Prefix(self.kv, self.positions[rows], self.mask[rows])
 
 
 def supported(model: nn.Module) -> bool:
@@ -102,8 +99,6 @@ def response_hidden_states(model: nn.Module, embeddings: mx.array, prefix: Prefi
 
 def max_difference(model: nn.Module) -> float:
     """Largest hidden-state difference, shared-prefix vs full rows, on fixed token ids, relative to their scale."""
-    from tidpo_mlx.data import Example, collate
-
     ids = [(7 * i + 3) % 97 + 1 for i in range(24)]
     pair = Example(index=0, source="check", messages=[], prompt=ids[:11], chosen=ids[11:17], rejected=ids[:10:-1])
     full = {k: mx.array(v) for k, v in collate([pair], 0).items()}
