@@ -8,7 +8,7 @@ pairs, round-robin in bursts of 3 calls (so load drift hits all pieces
 alike), median of the last 2 calls of each burst over --reps rounds after a
 warm-up round; "whole" runs every row as the full sequence,
 "shared" each pair's prompt once (the layout the trainer uses on CPU,
-``tidpo_mlx/prefix.py``):
+``tidpo_mlx/backend/cpu/prefix.py``):
 
   forward            policy log-probs at the response positions (no grad)
   forward+reference  policy and reference (adapters off) log-probs
@@ -37,10 +37,13 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import BATCH, LEARNING_RATE, LORA, NUM_LAYERS, SEED, load_avg  # noqa: E402
 
+from tidpo_mlx.backend.cpu.forward import CpuForward  # noqa: E402
+from tidpo_mlx.batching import Rows, collate  # noqa: E402
 from tidpo_mlx.config import build_config  # noqa: E402
-from tidpo_mlx.data import collate, load_dataset  # noqa: E402
-from tidpo_mlx.models import attach_lora, embed, load_base, reference_mode, resolve_model  # noqa: E402
-from tidpo_mlx.objective import batch_logprobs, to_mx, token_weights  # noqa: E402
+from tidpo_mlx.data import load_dataset  # noqa: E402
+from tidpo_mlx.forward import Forward, make_forward  # noqa: E402
+from tidpo_mlx.models import attach_lora, load_base, reference_mode, resolve_model  # noqa: E402
+from tidpo_mlx.objective import batch_logprobs, token_weights  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
 
 LAYOUTS = ("whole", "shared")
@@ -57,56 +60,62 @@ def config(plain: str, **extra):
     ))
 
 
-def pieces(plain: str, batches: dict[str, dict[str, mx.array]]) -> dict[str, tuple[callable, dict[str, mx.array]]]:
-    """Compiled pieces of one model (plain-op or fused attention), each with the batch it runs on."""
+def pieces(plain: str, rows: Rows) -> dict[str, tuple[callable, tuple]]:
+    """Compiled pieces of one model (plain-op or fused attention), each with the arguments it runs on."""
     dpo_cfg = config(plain, loss_type="dpo", weighting="none", gamma=0.0)
     tidpo_cfg = config(plain, gamma=0.0)
     mx.random.seed(SEED)
-    model, _, _ = load_base(resolve_model(dpo_cfg.model), dpo_cfg.dequantize, plain)
+    model, _, _ = load_base(resolve_model(dpo_cfg.model), dpo_cfg.dequantize)
+    make_forward(model, dpo_cfg)
     attach_lora(model, dpo_cfg)
     model.train()
     opt = build_optimizer(dpo_cfg)
     opt.init(model.trainable_parameters())
-    dpo_grad, update = compile_steps(model, dpo_cfg, opt)
-    tidpo_grad, _ = compile_steps(model, tidpo_cfg, opt)
-    state = [model.state]
-
-    def logprobs(b):
-        return batch_logprobs(model, b, embed(model, b["tokens"]), [slice(None)], False)[0]
-
-    def forward_ref(b):
-        with reference_mode(model):
-            ref = logprobs(b)
-        return logprobs(b), ref
-
-    def attrib(b):
-        return token_weights(model, tidpo_cfg, b, embed(model, b["tokens"]), b["tokens"].shape[0])["importance"]
-
-    fwd = mx.compile(logprobs, inputs=state)
-    fwd_ref = mx.compile(forward_ref, inputs=state)
-    att = mx.compile(attrib, inputs=state)
-    grads = {}
-
-    def dpo(b):
-        grads["g"] = dpo_grad(b)[2]
-        return grads["g"]
-
-    def tidpo(b):
-        return tidpo_grad(b)[2]
-
-    def upd(b):
-        update(grads["g"])
-        return model.parameters(), opt.state
-
     if plain == "false":
-        return {"dpo grad, whole (fused attention)": (dpo, batches["whole"]),
-                "tidpo grad, whole (fused attention)": (tidpo, batches["whole"])}
+        forwards = {"whole": Forward(model)}
+    else:
+        forwards = {layout: CpuForward(model, shared=layout == "shared") for layout in LAYOUTS}
+    state = [model.state]
     out = {}
-    for layout in LAYOUTS:
-        for name, fn in (("forward", fwd), ("forward+reference", fwd_ref), ("attribution", att),
-                         ("dpo grad", dpo), ("tidpo grad", tidpo)):
-            out[f"{name}, {layout}"] = (fn, batches[layout])
-    out["update"] = (upd, batches["shared"])
+    grads = {}
+    for layout, fwd in forwards.items():
+        batch, lay = fwd.prepare(rows)
+        dpo_grad, update = compile_steps(fwd, dpo_cfg, opt)
+        tidpo_grad, _ = compile_steps(fwd, tidpo_cfg, opt)
+
+        def logprobs(b, fwd=fwd, lay=lay):
+            return batch_logprobs(fwd, b, fwd.embed(b), lay, False)[0]
+
+        def forward_ref(b, logprobs=logprobs):
+            with reference_mode(model):
+                ref = logprobs(b)
+            return logprobs(b), ref
+
+        def attrib(b, fwd=fwd, lay=lay):
+            return token_weights(fwd, tidpo_cfg, b, fwd.embed(b), lay.rows)["importance"]
+
+        def dpo(b, lay=lay, dpo_grad=dpo_grad):
+            grads["g"] = dpo_grad(b, lay)[2]
+            return grads["g"]
+
+        def tidpo(b, lay=lay, tidpo_grad=tidpo_grad):
+            return tidpo_grad(b, lay)[2]
+
+        if plain == "false":
+            out.update({"dpo grad, whole (fused attention)": (dpo, batch),
+                        "tidpo grad, whole (fused attention)": (tidpo, batch)})
+            continue
+        for name, fn in (("forward", mx.compile(logprobs, inputs=state)),
+                         ("forward+reference", mx.compile(forward_ref, inputs=state)),
+                         ("attribution", mx.compile(attrib, inputs=state)), ("dpo grad", dpo), ("tidpo grad", tidpo)):
+            out[f"{name}, {layout}"] = (fn, batch)
+
+        def upd(b, update=update):
+            update(grads["g"])
+            return model.parameters(), opt.state
+
+        if layout == "shared":
+            out["update"] = (upd, batch)
     return out
 
 
@@ -119,19 +128,17 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = config("true")
-    model, tok, _ = load_base(resolve_model(cfg.model), "auto", "false")
+    model, tok, _ = load_base(resolve_model(cfg.model), "auto")
     examples = load_dataset(args.data, tok, cfg).train
     del model
     examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - args.tokens), e.index))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = {layout: to_mx(collate(examples[:BATCH], pad, shared_prefix=layout == "shared")) for layout in LAYOUTS}
-    shared = batches["shared"]
-    print(f"whole rows {tuple(batches['whole']['tokens'].shape)}; shared: prompts {tuple(shared['prompt_tokens'].shape)}"
-          f" + chunks {tuple(shared['tokens'].shape)}; load {load_avg()}")
+    rows = collate(examples[:BATCH], pad)
+    print(f"whole rows {tuple(rows.arrays['tokens'].shape)}, {BATCH} pairs; load {load_avg()}")
 
-    fns = pieces("true", batches)
+    fns = pieces("true", rows)
     if not args.no_fused:
-        fns.update(pieces("false", batches))
+        fns.update(pieces("false", rows))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(args.reps + 1):
         for name, (fn, batch) in fns.items():

@@ -6,16 +6,19 @@ import functools
 
 import click
 
+from tidpo_mlx.errors import TidpoError, first_line
+
 
 def _one_line_errors(fn):
-    """Turn the converters' ValueError / FileNotFoundError / FileExistsError into a one-line CLI error."""
+    """Turn the converters' errors (TidpoError and the ValueError / FileNotFoundError / FileExistsError
+    of the checks in hf.py and fuse.py) into a one-line CLI error."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
-            raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+        except (TidpoError, ValueError, FileNotFoundError, FileExistsError) as e:
+            raise click.ClickException(first_line(e)) from None
 
     return wrapper
 

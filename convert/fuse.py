@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from tidpo_mlx.convert.hf import fix_rope_config
+from tidpo_mlx.errors import ConvertError, MissingFileError
 
 
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} exists and is not empty")
+        raise ConvertError(f"{out_dir} exists and is not empty")
 
 
 def fuse(model_path, adapter_path, out_dir, *, dequantize=True, quantize=None, upload_repo=None, dtype=None) -> Path:
@@ -41,11 +42,11 @@ def fuse(model_path, adapter_path, out_dir, *, dequantize=True, quantize=None, u
     if quantize is not None:
         bits, group_size = int(quantize.get("bits", 4)), int(quantize.get("group_size", 64))
         if bits not in (2, 3, 4, 6, 8) or group_size not in (32, 64, 128):
-            raise ValueError(f"quantize needs bits in 2,3,4,6,8 and group_size in 32,64,128, got {quantize}")
+            raise ConvertError(f"quantize needs bits in 2,3,4,6,8 and group_size in 32,64,128, got {quantize}")
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        raise ConvertError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{Path(adapter_path) / 'adapter_config.json'} not found")
+        raise MissingFileError(f"{Path(adapter_path) / 'adapter_config.json'} not found")
 
     full_precision = dequantize or quantize is not None
     model, tokenizer, config = load(
@@ -75,7 +76,7 @@ def fuse(model_path, adapter_path, out_dir, *, dequantize=True, quantize=None, u
     if dequantize and quantize is None:
         # A Hugging Face folder: make the defaults transformers would guess explicit.
         if config.get("rope_traditional"):
-            raise ValueError(
+            raise ConvertError(
                 "this model uses rope_traditional (interleaved q/k rows, e.g. straight from a GGUF): "
                 "Hugging Face models cannot represent it; convert the GGUF with gguf-to-mlx first"
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from tidpo_mlx.errors import ConvertError, MissingFileError
 
 QUANT_BITS = (2, 3, 4, 6, 8)
 
@@ -67,18 +68,18 @@ def hf_to_mlx(hf_path_or_id, out_dir, *, quantize=False, bits=4, group_size=64, 
 
     out_dir = Path(out_dir)
     if quantize and bits not in QUANT_BITS:
-        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
+        raise ConvertError(f"bits must be one of {QUANT_BITS}, got {bits}")
     if quantize and group_size not in (32, 64, 128):
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+        raise ConvertError(f"group_size must be 32, 64 or 128, got {group_size}")
     if dtype is not None and dtype not in MODEL_CONVERSION_DTYPES:
-        raise ValueError(f"dtype must be one of {MODEL_CONVERSION_DTYPES}, got {dtype!r}")
+        raise ConvertError(f"dtype must be one of {MODEL_CONVERSION_DTYPES}, got {dtype!r}")
     if out_dir.exists():
         if any(out_dir.iterdir()):
-            raise ValueError(f"{out_dir} exists and is not empty")
+            raise ConvertError(f"{out_dir} exists and is not empty")
         out_dir.rmdir()  # mlx-lm refuses an existing folder
     src = Path(str(hf_path_or_id))
     if src.exists() and not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} has no config.json")
+        raise MissingFileError(f"{src} has no config.json")
     if dtype is None and (src / "config.json").is_file():
         # transformers 5 writes "dtype"; mlx-lm only looks at "torch_dtype".
         cfg = json.loads((src / "config.json").read_text())

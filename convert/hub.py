@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from tidpo_mlx.errors import MissingFileError
 
 
 def upload(folder, repo_id: str) -> str:
@@ -15,7 +16,7 @@ def upload(folder, repo_id: str) -> str:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
+        raise MissingFileError(f"{folder} is not a folder")
     huggingface_hub.create_repo(repo_id, repo_type="model", exist_ok=True)
     info = huggingface_hub.upload_folder(
         folder_path=str(folder),

@@ -10,7 +10,8 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from tidpo_mlx.config import build_config
-from tidpo_mlx.data import DataError, PairEncoder, batch_order, collate, load_dataset, read_jsonl
+from tidpo_mlx.batching import batch_order, collate
+from tidpo_mlx.data import DataError, PairEncoder, load_dataset, read_jsonl
 
 from conftest import write_jsonl
 
@@ -53,7 +54,7 @@ def test_conversational_form_and_system(tok):
 
 def test_collate_masks(tok):
     ex = [encoder(tok).encode_row(i, f"t:{i}", PAIR) for i in range(2)]
-    b = collate(ex, pad_id=0, anchors=[ex[0].chosen, ex[1].rejected])
+    b = collate(ex, pad_id=0, anchors=[ex[0].chosen, ex[1].rejected]).arrays
     assert b["tokens"].shape[0] == 6 and b["tokens"].shape[1] % 8 == 0
     for i in range(6):
         n = int(b["resp_mask"][i].sum())
@@ -152,7 +153,8 @@ def test_length_bucketed_batches_are_deterministic(tok):
 
 
 def test_eval_subset_spreads_over_the_split():
-    from tidpo_mlx.data import Example, eval_batches
+    from tidpo_mlx.batching import eval_batches
+    from tidpo_mlx.data import Example
 
     examples = [Example(index=i, source=f"v:{i}", messages=[], prompt=[1] * (i % 7 + 1), chosen=[2], rejected=[3, 3])
                 for i in range(40)]

@@ -18,11 +18,13 @@ from mlx.utils import tree_flatten
 
 from tidpo_mlx.cli import main
 from tidpo_mlx.config import build_config, load_config
-from tidpo_mlx.data import PairEncoder, collate
-from tidpo_mlx.evaluate import load_pairs
+from tidpo_mlx.batching import collate
+from tidpo_mlx.data import PairEncoder
+from tidpo_mlx.evaluation import load_pairs
+from tidpo_mlx.forward import make_forward
 from tidpo_mlx.experiment import flip_labels, make_plan, results_markdown, run_experiment
-from tidpo_mlx.models import adapter_config, attach_lora, embed, load_adapted, load_base, save_adapters
-from tidpo_mlx.objective import batch_objective, to_mx, token_weights
+from tidpo_mlx.models import adapter_config, attach_lora, load_adapted, load_base, save_adapters
+from tidpo_mlx.objective import batch_objective, token_weights
 
 from conftest import write_jsonl
 
@@ -73,7 +75,7 @@ def test_eval_is_reproducible_and_equals_batch_objective(tiny_model, adapters, p
                      "--batch-size", "2", "--anchor", "sample", "--output", str(out), "--quiet"])
         outs.append(out.read_text())
     assert outs[0] == outs[1]
-    assert "reward accuracy" in text and "policy preference accuracy" in text and "mean weighted margin" in text
+    assert "rewards/accuracies" in text and "policy_preference_accuracy" in text and "mean weighted margin" in text
     records = [json.loads(line) for line in outs[0].splitlines()]
     assert [r["index"] for r in records] == list(range(len(ROWS)))
     assert list(records[0]) == ["index", "loss", "loss_pref", "loss_triplet", "reward_chosen", "reward_rejected",
@@ -82,9 +84,10 @@ def test_eval_is_reproducible_and_equals_batch_objective(tiny_model, adapters, p
     cfg = load_config(None, {"model": str(tiny_model), "anchor": "sample"})
     model, tok, _ = load_adapted(cfg.model, str(adapters), cfg)
     model.eval()
+    fwd, _ = make_forward(model, cfg)
     pairs = load_pairs(str(pairs_file), tok, cfg)
     anchors = [e.anchor for e in pairs.examples]
-    _, aux = batch_objective(model, cfg, to_mx(collate(pairs.examples, tok.pad_token_id, anchors)))
+    _, aux = batch_objective(fwd, cfg, *fwd.prepare(collate(pairs.examples, tok.pad_token_id, anchors)))
     for key in ("loss", "loss_pref", "loss_triplet", "reward_chosen", "weighted_margin", "logp_rejected"):
         np.testing.assert_allclose([r[key] for r in records], np.array(aux[key]), rtol=2e-4, atol=2e-5)
     assert any(r["loss_triplet"] > 0 for r in records)
@@ -148,9 +151,10 @@ def test_weights_are_the_losses_weights(tiny_model, adapters, tmp_path, preset, 
     cfg = load_config(None, {"model": str(tiny_model), "preset": preset, "weight_norm": norm})
     model, tok, _ = load_adapted(cfg.model, str(adapters), cfg)
     model.eval()
+    fwd = make_forward(model, cfg)[0].whole_rows()
     ex = PairEncoder(tok, cfg).encode_row(0, "t", pair)
-    batch = to_mx(collate([ex], tok.pad_token_id))
-    tw = token_weights(model, cfg, batch, embed(model, batch["tokens"]), 2)
+    batch, _ = fwd.prepare(collate([ex], tok.pad_token_id))
+    tw = token_weights(fwd, cfg, batch, fwd.embed(batch), 2)
     span_w, imp = np.array(tw["span_weights"]), np.array(tw["importance"])
     for row, resp, ids in ((0, c, ex.chosen), (1, r, ex.rejected)):
         pos = len(ex.prompt) + np.arange(len(ids))

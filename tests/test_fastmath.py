@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from tidpo_mlx import fastmath
+from tidpo_mlx.backend.cpu import fastmath
 
 
 def test_exp_relative_error_over_the_float32_range():

@@ -17,10 +17,12 @@ import pytest
 from mlx.utils import tree_flatten
 
 from tidpo_mlx.config import build_config
-from tidpo_mlx.data import PairEncoder, collate
+from tidpo_mlx.data import PairEncoder
 from tidpo_mlx.importance import attribution
-from tidpo_mlx.models import attach_lora, reference_mode, embed, load_base
-from tidpo_mlx.objective import batch_objective, response_logprobs, to_mx
+from tidpo_mlx.batching import collate
+from tidpo_mlx.forward import make_forward
+from tidpo_mlx.models import attach_lora, reference_mode, load_base
+from tidpo_mlx.objective import batch_objective, response_logprobs
 
 from test_losses import np_kl, np_log_sigmoid, np_weights
 
@@ -53,14 +55,17 @@ def setup(tiny_model):
     attach_lora(model, cfg)
     _randomise_lora(model)
     base, _, _ = load_base(tiny_model)
+    make_forward(base, cfg)
     model.eval()
+    fwd = make_forward(model, cfg)[0].whole_rows()  # whole rows, as every config here allows
     enc = PairEncoder(tok, cfg)
     examples = [enc.encode_row(i, f"mem:{i}", r) for i, r in enumerate(ROWS)]
-    return cfg, model, base, tok, examples
+    return cfg, fwd, base, tok, examples
 
 
-def _np_logps(model, batch):
+def _np_logps(model, rows):
     """Full-vocabulary log-softmax of a whole forward, gathered at the response tokens."""
+    batch = rows.arrays
     logits = np.array(model(mx.array(batch["tokens"])), dtype=np.float64)
     logits -= logits.max(-1, keepdims=True)
     logsm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -74,8 +79,9 @@ def _np_logps(model, batch):
 
 
 def test_reference_mode_is_the_base_model(setup):
-    cfg, model, base, tok, examples = setup
-    tokens = mx.array(collate(examples, 0)["tokens"])
+    cfg, fwd, base, tok, examples = setup
+    model = fwd.model
+    tokens = mx.array(collate(examples, 0).arrays["tokens"])
     with reference_mode(model):
         off = np.array(model(tokens))
     np.testing.assert_array_equal(off, np.array(base(tokens)))
@@ -83,9 +89,11 @@ def test_reference_mode_is_the_base_model(setup):
 
 
 def test_response_logprobs_match_full_forward(setup):
-    cfg, model, base, tok, examples = setup
+    cfg, fwd, base, tok, examples = setup
+    model = fwd.model
     batch = collate(examples, 0)
-    got, _ = response_logprobs(model, embed(model, mx.array(batch["tokens"])), to_mx(batch), full=False)
+    arrays, layout = fwd.prepare(batch)
+    got, _ = response_logprobs(fwd, fwd.embed(arrays), arrays, layout.groups[0], full=False)
     want, _ = _np_logps(model, batch)
     got = np.array(got)
     for i, row in enumerate(want):
@@ -94,12 +102,13 @@ def test_response_logprobs_match_full_forward(setup):
 
 
 def test_attribution_matches_finite_differences(setup):
-    cfg, model, base, tok, examples = setup
-    batch = collate(examples[:1], 0)
-    tokens = mx.array(batch["tokens"])
+    cfg, fwd, base, tok, examples = setup
+    model = fwd.model
+    rows = fwd.whole_rows()
+    batch, _ = rows.prepare(collate(examples[:1], 0))
     last = int(batch["last"][0])
-    e = embed(model, tokens).astype(mx.float32)
-    importance = np.array(attribution(model, e, mx.array(batch["last"])))[0]
+    e = rows.embed(batch).astype(mx.float32)
+    importance = np.array(attribution(rows, e, batch, slice(None)))[0]
 
     def target(e_np):
         logits = model(None, input_embeddings=mx.array(e_np))
@@ -126,17 +135,19 @@ def test_attribution_matches_finite_differences(setup):
     ("paper", "dpo", "uniform"),
 ])
 def test_batch_objective_matches_numpy(setup, preset, loss_type, weighting):
-    base_cfg, model, base, tok, examples = setup
+    base_cfg, fwd, base, tok, examples = setup
+    model = fwd.model
     cfg = build_config({"model": "x", "num_layers": 2, "preset": preset, "loss_type": loss_type,
                         "weighting": weighting, "label_smoothing": 0.1 if loss_type == "dpo" else 0.0})
     anchors = [e.anchor for e in examples]
     batch = collate(examples, 0, anchors)
-    loss, aux = batch_objective(model, cfg, to_mx(batch))
+    loss, aux = batch_objective(fwd, cfg, *fwd.prepare(batch))
 
     pol, pol_full = _np_logps(model, batch)
     ref, ref_full = _np_logps(base, batch)
-    e = embed(model, mx.array(batch["tokens"]))
-    imp = np.array(attribution(model, e[:4], mx.array(batch["last"][:4])))
+    rows = fwd.whole_rows()
+    whole, _ = rows.prepare(batch)
+    imp = np.array(attribution(rows, rows.embed(whole)[:4], whole, slice(0, 4)))
     b = len(examples)
     per_pair = []
     for i in range(b):
@@ -171,10 +182,11 @@ def test_batch_objective_matches_numpy(setup, preset, loss_type, weighting):
 
 
 def test_simpo_needs_no_reference(setup):
-    _, model, base, tok, examples = setup
+    _, fwd, base, tok, examples = setup
+    model = fwd.model
     cfg = build_config({"model": "x", "loss_type": "simpo"})
     batch = collate(examples, 0)
-    _, aux = batch_objective(model, cfg, to_mx(batch))
+    _, aux = batch_objective(fwd, cfg, *fwd.prepare(batch))
     pol, _ = _np_logps(model, batch)
     b = len(examples)
     for i in range(b):
@@ -186,10 +198,12 @@ def test_simpo_needs_no_reference(setup):
 def test_gradients_reach_only_lora(setup):
     import mlx.nn as nn
 
-    cfg, model, base, tok, examples = setup
+    cfg, fwd, base, tok, examples = setup
+    model = fwd.model
     model.train()
-    vg = nn.value_and_grad(model, lambda bt: batch_objective(model, dataclasses.replace(cfg), bt))
-    (loss, _), grads = vg(to_mx(collate(examples, 0, [e.anchor for e in examples])))
+    batch, layout = fwd.prepare(collate(examples, 0, [e.anchor for e in examples]))
+    vg = nn.value_and_grad(model, lambda bt: batch_objective(fwd, dataclasses.replace(cfg), bt, layout))
+    (loss, _), grads = vg(batch)
     flat = dict(tree_flatten(grads))
     assert flat and all(k.endswith(("lora_a", "lora_b")) for k in flat)
     assert max(float(mx.abs(g).max()) for g in flat.values()) > 0
@@ -199,7 +213,8 @@ def test_gradients_reach_only_lora(setup):
 def test_anchor_cut_to_the_pair_keeps_the_triplet_loss(setup):
     """Anchor tokens past max(len y_w, len y_l) cannot reach d(a, .): the cut batch gives the
     triplet loss of the whole anchor, computed here from separate full-length forwards."""
-    base_cfg, model, base, tok, examples = setup
+    base_cfg, fwd, base, tok, examples = setup
+    model = fwd.model
     cfg = build_config({"model": "x", "num_layers": 2, "preset": "paper"})
     enc = PairEncoder(tok, cfg)
     long_anchors = [enc.encode_response(e.source, "anchor", e.messages, e.prompt,
@@ -207,8 +222,8 @@ def test_anchor_cut_to_the_pair_keeps_the_triplet_loss(setup):
                     for e in examples]
     assert all(len(a) > e.overlap for a, e in zip(long_anchors, examples))
     batch = collate(examples, 0, long_anchors)
-    assert batch["tokens"].shape == collate(examples, 0, [e.chosen for e in examples])["tokens"].shape
-    _, aux = batch_objective(model, cfg, to_mx(batch))
+    assert batch.arrays["tokens"].shape == collate(examples, 0, [e.chosen for e in examples]).arrays["tokens"].shape
+    _, aux = batch_objective(fwd, cfg, *fwd.prepare(batch))
 
     full = collate([dataclasses.replace(e, chosen=a, rejected=a) for e, a in zip(examples, long_anchors)], 0)
     pol_a, _ = _np_logps(model, full)

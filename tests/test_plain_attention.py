@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_model
 
-from tidpo_mlx.plain_attention import restore_fused_attention, use_plain_attention
+from tidpo_mlx.backend.cpu.attention import restore_fused_attention, use_plain_attention
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_qwen2"])

@@ -1,8 +1,8 @@
 """The shared-prefix layout (each pair's prompt run once) gives what whole rows give.
 
 Losses, metrics, token weights, attribution and LoRA gradients of the same
-pairs are computed from ``collate(...)`` and ``collate(..., shared_prefix=True)``
-and compared; the whole-row path is itself checked against NumPy in
+pairs are computed from whole rows and from the CPU backend's shared-prefix
+layout of the same rows (``CpuForward(model, shared=True)``) and compared; the whole-row path is itself checked against NumPy in
 ``test_objective.py``.
 """
 
@@ -18,11 +18,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from tidpo_mlx.backend.cpu.forward import CpuForward, shared_prefix_active as active
+from tidpo_mlx.backend.cpu.forward import shared_prefix_difference as max_difference
+from tidpo_mlx.backend.cpu.prefix import shared_layout
+from tidpo_mlx.batching import collate
 from tidpo_mlx.config import ConfigError, build_config
-from tidpo_mlx.data import PairEncoder, collate
-from tidpo_mlx.models import attach_lora, embed, load_base
-from tidpo_mlx.objective import batch_objective, to_mx, token_weights
-from tidpo_mlx.prefix import active, max_difference
+from tidpo_mlx.data import PairEncoder
+from tidpo_mlx.forward import make_forward
+from tidpo_mlx.models import attach_lora, load_base
+from tidpo_mlx.objective import batch_objective, token_weights
 
 from test_objective import ROWS, _randomise_lora
 
@@ -36,6 +40,7 @@ MORE = [
 def setup(tiny_model):
     cfg = build_config({"model": str(tiny_model), "num_layers": 2})
     model, tok, _ = load_base(tiny_model)
+    make_forward(model, cfg)
     attach_lora(model, cfg)
     _randomise_lora(model, seed=3)
     enc = PairEncoder(tok, cfg)
@@ -48,8 +53,9 @@ def _both(model, cfg, examples, anchors):
     """(loss, aux, grads) from whole rows and from the shared layout, dropout off."""
     out = []
     for shared in (False, True):
-        batch = to_mx(collate(examples, 0, anchors, shared_prefix=shared))
-        vg = nn.value_and_grad(model, lambda bt: batch_objective(model, cfg, bt))
+        fwd = CpuForward(model, shared)
+        batch, layout = fwd.prepare(collate(examples, 0, anchors))
+        vg = nn.value_and_grad(model, lambda bt: batch_objective(fwd, cfg, bt, layout))
         mx.random.seed(5)
         (loss, aux), grads = vg(batch)
         mx.eval(loss, aux, grads)
@@ -99,12 +105,12 @@ def test_random_weights_draw_per_row_position(setup):
 def test_attribution_at_the_response_is_that_of_the_whole_sequence(setup):
     model, examples = setup
     cfg = build_config({"model": "x", "num_layers": 2, "preset": "paper"})
-    whole = to_mx(collate(examples, 0))
-    shared = to_mx(collate(examples, 0, shared_prefix=True))
-    n = whole["tokens"].shape[0]
+    rows = collate(examples, 0)
+    n = rows.layout.rows
     got = {}
-    for name, batch in (("whole", whole), ("shared", shared)):
-        out = token_weights(model, cfg, batch, embed(model, batch["tokens"]), n)
+    for name, fwd in (("whole", CpuForward(model, False)), ("shared", CpuForward(model, True))):
+        batch, _ = fwd.prepare(rows)
+        out = token_weights(fwd, cfg, batch, fwd.embed(batch), n)
         imp = np.array(out["importance"])
         pos, mask = np.array(batch["resp_pos"]), np.array(batch["resp_mask"])
         got[name] = (np.take_along_axis(imp, pos, axis=1) * mask, np.array(out["weights"]))
@@ -115,8 +121,8 @@ def test_attribution_at_the_response_is_that_of_the_whole_sequence(setup):
 
 def test_shared_layout_arrays(setup):
     _, examples = setup
-    whole = collate(examples, 0)
-    shared = collate(examples, 0, shared_prefix=True)
+    rows = collate(examples, 0)
+    whole, shared = rows.arrays, shared_layout(rows)
     b = len(examples)
     assert shared["prompt_tokens"].shape[0] == b
     assert shared["tokens"].shape[1] < whole["tokens"].shape[1]
@@ -141,8 +147,9 @@ def test_shared_layout_arrays(setup):
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_qwen2"])
 def test_load_checks_the_shared_forward(request, fixture):
-    model, _, notes = load_base(request.getfixturevalue(fixture))
-    assert any("shared-prefix forward available" in n for n in notes)
+    model, _, _ = load_base(request.getfixturevalue(fixture))
+    _, notes = make_forward(model, build_config({"model": "x"}))
+    assert any("shared prefix" in n for n in notes)
     assert max_difference(model) < 1e-5
 
 

@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU setup")
 
-PROBE = "import tidpo_mlx.blas as b, tidpo_mlx.allocator as a; print(b.STATUS.state); print(a.STATUS)"
+PROBE = "import tidpo_mlx.backend.cpu.blas as b, tidpo_mlx.backend.cpu.allocator as a; print(b.STATUS.state); print(a.STATUS)"
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def test_opt_outs_are_honoured():
 
 
 def test_mlx_first_warns():
-    res = _run("import mlx.core; import tidpo_mlx.blas as b; print(b.STATUS.state)")
+    res = _run("import mlx.core; import tidpo_mlx.backend.cpu.blas as b; print(b.STATUS.state)")
     assert res.stdout.strip() == "too late"
     assert "Import tidpo_mlx first" in res.stderr
 

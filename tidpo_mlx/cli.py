@@ -1,70 +1,24 @@
 """Command line: ``tidpo-mlx train | doctor | convert``.
 
-Every config key is a flag of ``train`` (generated from the Config dataclass,
-so ``--help`` lists each with its default). Errors print one line and exit 1;
-``--debug`` shows the traceback instead.
+Every config key is a flag of ``train`` (generated from the Config dataclass
+in ``options.py``, so ``--help`` lists each with its default). User errors
+print one line and exit 1; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import typing
-from typing import Any, Callable, Literal
+from typing import Any
 
 import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
 
 import click
 import yaml
 
-from tidpo_mlx.config import Config, ConfigError, LoRAParameters
-
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, OSError)
-
-
-def _option_for(name: str, hint: Any, default: Any, help_text: str) -> Callable:
-    flag = "--" + name.replace("_", "-")
-    origin = typing.get_origin(hint)
-    if origin is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        origin = typing.get_origin(hint)
-    shown = ",".join(default) if isinstance(default, tuple) else default
-    text = f"{help_text} [default: {shown}]"
-    if origin is Literal:
-        return click.option(flag, name, type=click.Choice([str(a) for a in typing.get_args(hint)]), default=None, help=text)
-    if hint is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
-    kind = {int: int, float: float}.get(hint, str)
-    return click.option(flag, name, type=kind, default=None, help=text)
-
-
-def config_options(func: Callable) -> Callable:
-    """Add one option per Config key (``lora_parameters`` as ``--lora-rank`` etc.)."""
-    hints = typing.get_type_hints(Config)
-    lora_hints = typing.get_type_hints(LoRAParameters)
-    for f in reversed(dataclasses.fields(LoRAParameters)):
-        func = _option_for(f"lora_{f.name}", lora_hints[f.name], f.default, f"LoRA: {f.metadata['help']}")(func)
-    for f in reversed(dataclasses.fields(Config)):
-        if f.name == "lora_parameters":
-            continue
-        func = _option_for(f.name, hints[f.name], f.default, f.metadata["help"])(func)
-    return func
-
-
-def run_guarded(debug: bool, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; user-facing errors become one-line messages unless ``debug``."""
-    try:
-        return fn()
-    except USER_ERRORS as err:
-        if debug:
-            raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        import mlx.core as mx
-
-        world = mx.distributed.init()
-        if world.size() > 1:
-            message = f"rank {world.rank()}: {message}"
-        raise click.ClickException(message) from None
+from tidpo_mlx.commands import eval_command, experiment_command, importance_command
+from tidpo_mlx.convert.cli import convert as convert_group
+from tidpo_mlx.errors import ConfigError
+from tidpo_mlx.options import config_options, run_guarded
 
 
 @click.group()
@@ -79,7 +33,7 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--export-peft", default=None, help="Also write the adapters as a PEFT folder here at the end.")
-@config_options
+@config_options()
 def train(recipe: str | None, resume: bool, debug: bool, quiet: bool, export_peft: str | None, **overrides: Any) -> None:
     """Train LoRA adapters with TI-DPO (or a baseline) on preference pairs."""
     from tidpo_mlx.config import load_config
@@ -88,7 +42,7 @@ def train(recipe: str | None, resume: bool, debug: bool, quiet: bool, export_pef
     def job() -> None:
         cfg = load_config(recipe, overrides)
         if export_peft and cfg.fine_tune_type != "lora":
-            raise ValueError("--export-peft needs fine_tune_type lora")
+            raise ConfigError("--export-peft needs fine_tune_type lora")
         click.echo(f"recipe: {recipe or 'quickstart'}; resolved config:")
         click.echo("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=200).strip().replace("\n", "\n  "))
         result = run_train(cfg, resume=resume, log=click.echo, progress=not quiet)
@@ -117,9 +71,6 @@ def doctor() -> None:
     for line in report():
         click.echo(line)
 
-
-from tidpo_mlx.commands import eval_command, experiment_command, importance_command  # noqa: E402
-from tidpo_mlx.convert.cli import convert as convert_group  # noqa: E402
 
 main.add_command(eval_command, "eval")
 main.add_command(importance_command, "importance")

@@ -8,43 +8,15 @@ Errors print one line and exit 1 (``--debug``: the traceback).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import sys
-import typing
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import click
 
 from tidpo_mlx import experiment as ex
-from tidpo_mlx.config import Config
 from tidpo_mlx.data import read_jsonl
-
-# Config keys that change what eval/importance compute (training-only keys are left out)
-METHOD_KEYS = [
-    "preset", "loss_type", "weighting", "beta", "alpha", "lam", "sigma_div", "weight_span", "weight_norm",
-    "gamma", "triplet_margin", "label_smoothing", "simpo_beta", "simpo_gamma", "anchor", "anchor_temperature",
-    "anchor_top_p", "anchor_top_k", "anchor_max_tokens", "chat_template", "max_length", "max_prompt_length",
-    "seed", "dequantize",
-]
-
-
-def method_options(func: Callable) -> Callable:
-    """One flag per method key of the Config (same names as ``train``'s)."""
-    hints = typing.get_type_hints(Config)
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for name in reversed(METHOD_KEYS):
-        f, hint = fields[name], hints[name]
-        flag = "--" + name.replace("_", "-")
-        text = f"{f.metadata['help']} [recipe default]"
-        if typing.get_origin(hint) is Literal:
-            opt = click.option(flag, name, type=click.Choice([str(a) for a in typing.get_args(hint)]), default=None, help=text)
-        else:
-            opt = click.option(flag, name, type={int: int, float: float}.get(hint, str), default=None, help=text)
-        func = opt(func)
-    return func
-
+from tidpo_mlx.files import write_jsonl
+from tidpo_mlx.options import METHOD_KEYS, config_options, run_guarded
 
 def _common(func: Callable) -> Callable:
     opts = [
@@ -62,20 +34,13 @@ def _common(func: Callable) -> Callable:
 
 def _load(recipe: str | None, model: str | None, adapter_path: str | None, overrides: dict[str, Any]):
     from tidpo_mlx.config import load_config
+    from tidpo_mlx.forward import make_forward
     from tidpo_mlx.models import load_adapted
 
     cfg = load_config(recipe, {**overrides, "model": model})
     model_obj, tokenizer, path = load_adapted(cfg.model, adapter_path, cfg)
-    return cfg, model_obj, tokenizer, path
-
-
-def _write_jsonl(target: str, records: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if target == "-":
-        sys.stdout.write(text)
-    else:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(text, encoding="utf-8")
+    fwd, _ = make_forward(model_obj, cfg, str(path))
+    return cfg, fwd, tokenizer, path
 
 
 def _bar(total: int, enabled: bool):
@@ -90,7 +55,7 @@ def _bar(total: int, enabled: bool):
 @_common
 @click.option("-o", "--output", default=None, help="Write one JSON object per pair here ('-': stdout, the summary then goes to stderr).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@method_options
+@config_options(METHOD_KEYS)
 def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, quiet, **overrides) -> None:
     """Per-pair loss of a recipe on a data file, without training.
 
@@ -101,16 +66,14 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
     kl_rejected for tdpo losses. Triplet anchors: the pair's 'anchor' field,
     else sampled from the policy, seeded from the pair index.
     """
-    from tidpo_mlx.cli import run_guarded
-
     def job() -> None:
-        from tidpo_mlx.evaluate import anchors_needed, evaluate_pairs, load_pairs, summarize
+        from tidpo_mlx.evaluation import evaluate_pairs, load_pairs, summarize
 
-        cfg, m, tok, _ = _load(recipe, model, adapter_path, overrides)
+        cfg, fwd, tok, _ = _load(recipe, model, adapter_path, overrides)
         pairs = load_pairs(data, tok, cfg)
         echo = (lambda s: click.echo(s, err=True)) if output == "-" else click.echo
-        sampled = sum(e.anchor is None for e in pairs.examples) if anchors_needed(cfg) else 0
-        if anchors_needed(cfg):
+        sampled = sum(e.anchor is None for e in pairs.examples) if cfg.triplet_on else 0
+        if cfg.triplet_on:
             anchors = f"{len(pairs.examples) - sampled} from the data, {sampled} sampled from the policy"
         else:
             anchors = "none (triplet term off)"
@@ -119,19 +82,20 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
         echo(f"recipe {recipe or 'quickstart'}: preset {cfg.preset}, loss_type {cfg.loss_type}, weighting "
              f"{cfg.weighting}, beta {cfg.beta:g}, gamma {cfg.gamma:g}; anchors: {anchors}")
         bar = _bar(len(pairs.examples), not quiet)
-        records = evaluate_pairs(m, tok, cfg, pairs, batch_size or cfg.batch_size,
+        records = evaluate_pairs(fwd, tok, cfg, pairs, batch_size or cfg.batch_size,
                                  progress=bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
         if output:
-            _write_jsonl(output, records)
+            write_jsonl(output, records)
         s = summarize(records)
         echo(f"pairs {s['pairs']}")
-        echo(f"mean loss {s['loss']:.4f} (pref {s['loss_pref']:.4f}, triplet {s['loss_triplet']:.4f})")
-        echo(f"reward accuracy {s['reward_accuracy']:.3f}, policy preference accuracy {s['policy_preference_accuracy']:.3f}")
-        echo(f"mean reward margin {s['reward_margin']:.4f}, mean weighted margin {s['weighted_margin']:.4f}")
-        if "kl_chosen" in s:
-            echo(f"mean KL chosen {s['kl_chosen']:.4f}, rejected {s['kl_rejected']:.4f}")
+        echo(f"mean loss {s['loss']:.4f} (pref {s['loss/pref']:.4f}, triplet {s['loss/triplet']:.4f})")
+        echo(f"rewards/accuracies {s['rewards/accuracies']:.3f}, policy_preference_accuracy "
+             f"{s['policy_preference_accuracy']:.3f}")
+        echo(f"rewards/margins {s['rewards/margins']:.4f}, mean weighted margin {s['margins/weighted']:.4f}")
+        if "kl/chosen" in s:
+            echo(f"kl/chosen {s['kl/chosen']:.4f}, kl/rejected {s['kl/rejected']:.4f}")
         if output and output != "-":
             echo(f"per-pair results: {output}")
 
@@ -145,7 +109,7 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
 @click.option("--limit", type=int, default=10, show_default=True, help="First N pairs of the file (-1: all).")
 @click.option("--hide-template", is_flag=True, help="Hide chat-template tokens (<|im_end|>, newline) in the views; colour scale over the response text.")
 @click.option("--no-view", is_flag=True, help="Do not print the terminal heat map.")
-@method_options
+@config_options(METHOD_KEYS)
 def importance_command(model, adapter_path, data, recipe, batch_size, debug, output, html_path, limit,
                        hide_template, no_view, **overrides) -> None:
     """Per-token attribution, prior and weights of pairs, as the loss uses them.
@@ -155,19 +119,18 @@ def importance_command(model, adapter_path, data, recipe, batch_size, debug, out
     weight span), weights (exactly what the loss multiplies rho by), all at the
     response positions. Prints a colour heat map; --html writes a page.
     """
-    from tidpo_mlx.cli import run_guarded
-
     def job() -> None:
-        from tidpo_mlx.evaluate import importance_records, load_pairs, weighting_label
+        from tidpo_mlx.evaluation import load_pairs
+        from tidpo_mlx.inspection import importance_records, weighting_label
         from tidpo_mlx.view import html_page, terminal_view
 
-        cfg, m, tok, _ = _load(recipe, model, adapter_path, overrides)
+        cfg, fwd, tok, _ = _load(recipe, model, adapter_path, overrides)
         pairs = load_pairs(data, tok, cfg, limit=None if limit < 0 else limit)
-        records = importance_records(m, tok, cfg, pairs, batch_size or cfg.batch_size)
+        records = importance_records(fwd, tok, cfg, pairs, batch_size or cfg.batch_size)
         label = weighting_label(cfg)
         source = f"model {cfg.model}" + (f" + adapters {adapter_path}" if adapter_path else "")
         if output:
-            _write_jsonl(output, records)
+            write_jsonl(output, records)
         if not no_view:
             for line in terminal_view(records, f"{label}; {source}", hide_template):
                 click.echo(line)
@@ -237,8 +200,6 @@ def experiment_command(quick, seeds, iters, out, val_pairs, methods, noise, mode
     results.csv, results.md and (with matplotlib) results.png to --out.
     Rerunning with the same settings reuses finished runs.
     """
-    from tidpo_mlx.cli import run_guarded
-
     def job() -> None:
         plan = ex.make_plan(
             out, quick=quick, seeds=seeds, iters=iters, val_pairs=val_pairs,

@@ -19,6 +19,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from tidpo_mlx.errors import ConfigError
+from tidpo_mlx.files import atomic_write_text
+from tidpo_mlx.losses import LOSSES
+
 LossType = Literal["dpo", "ipo", "tdpo1", "tdpo2", "simpo"]
 Weighting = Literal["none", "hybrid", "uniform", "random", "attribution", "prior", "softmax"]
 ALL_LINEAR = [
@@ -30,10 +34,6 @@ ALL_LINEAR = [
     "mlp.up_proj",
     "mlp.down_proj",
 ]
-
-
-class ConfigError(ValueError):
-    """A recipe or flag that names an unknown key, a bad type or a bad value."""
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -157,12 +157,15 @@ class Config:
     @property
     def uses_reference(self) -> bool:
         """Whether the loss needs the reference model (every loss but simpo)."""
-        return self.loss_type != "simpo"
+        return LOSSES[self.loss_type].reference
 
     @property
-    def uses_triplet(self) -> bool:
-        """Whether the triplet term can be on (gamma > 0 and a reference-based loss)."""
-        return self.gamma > 0 and self.uses_reference
+    def triplet_on(self) -> bool:
+        """Whether the triplet term is on: gamma > 0, a reference-based loss and ``anchor: sample``.
+
+        Then every pair needs an anchor (its data ``anchor`` or a policy sample).
+        """
+        return self.gamma > 0 and self.uses_reference and self.anchor == "sample"
 
     @property
     def uses_attribution(self) -> bool:
@@ -355,6 +358,4 @@ def load_config(recipe_path: str | Path | None, overrides: dict[str, Any] | None
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

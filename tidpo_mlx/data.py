@@ -1,4 +1,4 @@
-"""Preference pairs: JSONL reading, chat templates, response masks, batches.
+"""Preference pairs: JSONL reading, chat templates, response masks (batches: ``batching.py``).
 
 Tokenisation follows SPEC.md: the response tokens of a pair are the tokens of
 the templated conversation (prompt messages + the assistant response) after
@@ -15,21 +15,13 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import numpy as np
+from typing import Any, Sequence
 
 from tidpo_mlx.config import Config
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
+from tidpo_mlx.errors import DataError
 
 
 Messages = list[dict[str, str]]
-
-MASKED = -1e9
-"""Additive attention-mask value of a blocked key: finite, as ``fastmath.exp`` needs, and exp gives 0."""
 
 
 @dataclass
@@ -45,6 +37,8 @@ class Example:
     anchor: list[int] | None = None
     prompt_truncated: bool = False
     responses_truncated: int = 0
+    texts: dict[str, str] = field(default_factory=dict)
+    """The response texts before tokenisation, by key (``chosen``, ``rejected``, ``anchor``)."""
 
     @property
     def overlap(self) -> int:
@@ -262,6 +256,7 @@ class PairEncoder:
             anchor=encoded.get("anchor"),
             prompt_truncated=prompt_cut,
             responses_truncated=cuts,
+            texts=texts,
         )
 
     def encode_file(self, path: Path) -> list[Example]:
@@ -288,132 +283,3 @@ def load_dataset(data: str, tokenizer: Any, cfg: Config) -> Dataset:
         truncated_prompts=sum(e.prompt_truncated for e in every),
         truncated_responses=sum(e.responses_truncated for e in every),
     )
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def collate(
-    examples: Sequence[Example],
-    pad_id: int,
-    anchors: Sequence[list[int]] | None = None,
-    pad_multiple: int = 8,
-    shared_prefix: bool = False,
-) -> dict[str, np.ndarray]:
-    """Right-padded arrays for chosen, rejected (and anchor) rows, stacked in that order.
-
-    Returns ``tokens`` (N, L), ``seq_mask`` (N, L: real tokens), ``resp_span``
-    (N, L: response tokens), ``resp_pos`` (N, R: position of response token r),
-    ``resp_mask`` (N, R), ``last`` (N: last real position) and ``pair_index``
-    (B: the pairs' positions in their file), with N = 2B (3B with anchors).
-    A row is the whole sequence ``x ++ y``; with ``shared_prefix`` (the layout
-    of ``prefix.py``) it is the *chunk* ``x[-1:] ++ y`` and these arrays index
-    the chunk, plus ``prompt_tokens`` / ``prompt_mask`` (B, P: ``x[:-1]``, run
-    once per pair), ``positions`` (N, L: absolute positions of the chunk) and
-    ``attn_mask`` (N, L, P + L: additive, 0 where a chunk position may attend
-    to a prompt position, then to a chunk position, else :data:`MASKED`).
-    An anchor is cut to :attr:`Example.overlap` tokens: the rest cannot reach
-    the triplet distance, so the loss is exactly that of the whole anchor while
-    the anchor rows pad no longer than the pair. Masks are inputs, not
-    constants, so compiled graphs can share them between the attribution and
-    the loss forward. Lengths are rounded up to ``pad_multiple`` so compiled
-    steps see few distinct shapes (each new shape costs a trace of the whole
-    model, ~1 s) while padding stays a few tokens (on bundled data, rounding
-    to 32 padded two thirds of the batches from at most 75 to 96 positions).
-    """
-    groups = [[e.chosen for e in examples], [e.rejected for e in examples]]
-    if anchors is not None:
-        groups.append([a[: e.overlap] for e, a in zip(examples, anchors)])
-    heads = [e.prompt[-1:] if shared_prefix else e.prompt for e in examples] * len(groups)
-    responses = [r for g in groups for r in g]
-    n = len(responses)
-    L = _round_up(max(len(p) + len(r) for p, r in zip(heads, responses)), pad_multiple)
-    R = _round_up(max(len(r) for r in responses), pad_multiple)
-    tokens = np.full((n, L), pad_id, dtype=np.int32)
-    seq_mask = np.zeros((n, L), dtype=np.float32)
-    resp_span = np.zeros((n, L), dtype=np.float32)
-    resp_pos = np.zeros((n, R), dtype=np.int32)
-    resp_mask = np.zeros((n, R), dtype=np.float32)
-    last = np.zeros((n,), dtype=np.int32)
-    for i, (p, r) in enumerate(zip(heads, responses)):
-        seq = p + r
-        tokens[i, : len(seq)] = seq
-        seq_mask[i, : len(seq)] = 1.0
-        resp_span[i, len(p): len(seq)] = 1.0
-        resp_pos[i, : len(r)] = np.arange(len(p), len(seq))
-        resp_pos[i, len(r):] = len(p)
-        resp_mask[i, : len(r)] = 1.0
-        last[i] = len(seq) - 1
-    batch = dict(
-        pair_index=np.array([e.index for e in examples], dtype=np.int32),
-        tokens=tokens,
-        seq_mask=seq_mask,
-        resp_span=resp_span,
-        resp_pos=resp_pos,
-        resp_mask=resp_mask,
-        last=last,
-    )
-    if shared_prefix:
-        prompts = [e.prompt[:-1] for e in examples]
-        P = _round_up(max(1, *(len(p) for p in prompts)), pad_multiple)
-        prompt_tokens = np.full((len(examples), P), pad_id, dtype=np.int32)
-        prompt_mask = np.zeros((len(examples), P), dtype=np.float32)
-        for i, p in enumerate(prompts):
-            prompt_tokens[i, : len(p)] = p
-            prompt_mask[i, : len(p)] = 1.0
-        starts = np.array([len(p) for p in prompts] * len(groups))
-        chunk = np.arange(L)
-        to_prompt = np.arange(P)[None, None, :] < starts[:, None, None]
-        to_chunk = chunk[None, None, :] <= chunk[None, :, None]
-        allowed = np.concatenate([np.broadcast_to(to_prompt, (n, L, P)), np.broadcast_to(to_chunk, (n, L, L))], axis=-1)
-        batch.update(
-            prompt_tokens=prompt_tokens,
-            prompt_mask=prompt_mask,
-            positions=(starts[:, None] + chunk[None, :]).astype(np.int32),
-            attn_mask=np.where(allowed, 0.0, MASKED).astype(np.float32),
-        )
-    return batch
-
-
-def batch_order(examples: Sequence[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-bucketed batches of example positions, in a seeded order for ``epoch``.
-
-    Examples are sorted by length and cut into batches of similar length (little
-    padding); the order of the batches is shuffled per epoch. Deterministic in
-    (seed, epoch), so a resumed run sees the same batches.
-    """
-    if len(examples) < batch_size:
-        raise DataError(f"only {len(examples)} training pairs for batch_size {batch_size}")
-    order = sorted(range(len(examples)), key=lambda i: (examples[i].length, i))
-    batches = [order[i: i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-    rng = np.random.default_rng([seed, epoch])
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def iterate_batches(
-    examples: Sequence[Example], batch_size: int, seed: int, start: int = 0
-) -> Iterator[list[Example]]:
-    """Endless micro-batches from micro-batch number ``start`` on (epochs reshuffled)."""
-    per_epoch = len(batch_order(examples, batch_size, seed, 0))
-    k = start
-    while True:
-        epoch, pos = divmod(k, per_epoch)
-        order = batch_order(examples, batch_size, seed, epoch)
-        for idx in order[pos:]:
-            yield [examples[i] for i in idx]
-            k += 1
-
-
-def eval_batches(examples: Sequence[Example], batch_size: int, limit: int = -1) -> list[list[Example]]:
-    """Held-out batches in length order (no shuffling), ``limit`` batches at most.
-
-    With a limit, the ``limit * batch_size`` pairs are spread evenly over the
-    split in file order (every k-th pair), not the shortest ones, so a subset
-    keeps the split's mix of tasks and lengths.
-    """
-    keep = range(len(examples))
-    if 0 <= limit and limit * batch_size < len(examples):
-        keep = np.unique(np.linspace(0, len(examples) - 1, limit * batch_size).round().astype(int)).tolist()
-    order = sorted(keep, key=lambda i: (examples[i].length, i))
-    return [[examples[i] for i in order[j: j + batch_size]] for j in range(0, len(order), batch_size)]

@@ -6,8 +6,8 @@ import platform
 import time
 from importlib import metadata
 
-from tidpo_mlx import allocator
-from tidpo_mlx.blas import OPT_OUT_ENV, STATUS
+from tidpo_mlx.backend.cpu import allocator
+from tidpo_mlx.backend.cpu.blas import OPT_OUT_ENV, STATUS
 
 import mlx.core as mx
 

@@ -30,10 +30,12 @@ from typing import Any, Callable
 import numpy as np
 
 from tidpo_mlx.config import Config, build_config, builtin_recipe_path, load_recipe
-from tidpo_mlx.data import DataError, read_jsonl, resolve_data_dir
+from tidpo_mlx.data import read_jsonl, resolve_data_dir
+from tidpo_mlx.errors import ConfigError, DataError, TidpoError, first_line
+from tidpo_mlx.files import write_jsonl
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(TidpoError, RuntimeError):
     """A run of the experiment failed; the message names the run."""
 
 
@@ -111,10 +113,10 @@ def make_plan(
     methods = tuple(methods or (QUICK_METHODS if quick else tuple(METHODS)))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
+        raise ConfigError(f"unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
     noise = tuple(noise if noise is not None else (QUICK_NOISE if quick else NOISE_LEVELS))
     if not noise or any(not 0.0 <= p < 1.0 for p in noise):
-        raise ValueError("noise levels must be fractions in [0, 1), e.g. 0,0.1,0.2,0.4")
+        raise ConfigError("noise levels must be fractions in [0, 1), e.g. 0,0.1,0.2,0.4")
     plan = Plan(
         out=Path(out),
         methods=methods,
@@ -128,7 +130,7 @@ def make_plan(
         keep_adapters=keep_adapters,
     )
     if plan.seeds < 1 or plan.iters < 1:
-        raise ValueError("--seeds and --iters must be >= 1")
+        raise ConfigError("--seeds and --iters must be >= 1")
     build_config(None, plan.overrides)  # unknown or ill-typed keys fail here, before any run
     return plan
 
@@ -161,10 +163,6 @@ def flip_labels(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple
     return out, k
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def noisy_folder(source: Path, target: Path, fraction: float, seed: int, val_pairs: int) -> dict[str, int]:
     """Write ``train.jsonl`` with flipped labels and ``valid.jsonl`` (untouched rows, the first
     ``val_pairs`` of them, -1: all) into ``target``; return the counts."""
@@ -174,8 +172,8 @@ def noisy_folder(source: Path, target: Path, fraction: float, seed: int, val_pai
         valid = valid[:val_pairs]
     flipped_rows, k = flip_labels(train, fraction, seed)
     target.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(target / "train.jsonl", flipped_rows)
-    _write_jsonl(target / "valid.jsonl", valid)
+    write_jsonl(target / "train.jsonl", flipped_rows)
+    write_jsonl(target / "valid.jsonl", valid)
     return {"train_pairs": len(train), "flipped": k, "val_pairs": len(valid)}
 
 
@@ -287,9 +285,8 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> list[dict[
             if row is None:
                 try:
                     row = run_one(cfg, method, noise, counts, settings, plan.keep_adapters)
-                except (ValueError, RuntimeError) as err:
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise ExperimentError(f"run {run_name(method, noise, seed)}: {first}") from err
+                except TidpoError as err:
+                    raise ExperimentError(f"run {run_name(method, noise, seed)}: {first_line(err)}") from err
                 spent.setdefault(method, []).append(row["run_seconds"])
             rows.append(row)
             write_results(plan, rows)

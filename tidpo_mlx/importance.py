@@ -2,7 +2,7 @@
 
 All arrays are batched over N sequences and L positions, with masks as float
 arrays (1 = in the span). Position indices inside a span are derived from the
-mask with a cumulative sum, never from ``mx.arange`` constants.
+mask with a cumulative sum (an input, so a compiled step shares it).
 """
 
 from __future__ import annotations
@@ -10,39 +10,32 @@ from __future__ import annotations
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from tidpo_mlx.models import embed, hidden_states, project
-from tidpo_mlx.prefix import Prefix
+from tidpo_mlx.forward import Forward
 
 EPS = 1e-8
 
 
-def attribution(model: nn.Module, embeddings: mx.array, last: mx.array, prefix: Prefix | None = None) -> mx.array:
-    """Gradient attribution ``I_i = || d target / d E_i ||_1`` (SPEC section 1).
+def attribution(fwd: Forward, inputs: mx.array, batch: dict[str, mx.array], rows: slice) -> mx.array:
+    """Gradient attribution ``I_i = || d target / d E_i ||_1`` (SPEC section 1) of the batch rows ``rows``.
 
     ``target`` is the max over the vocabulary of the policy logits at the last
     real position ``last`` of each sequence. The gradient is taken with respect
-    to the embeddings ``E`` only (the parameters are constants here) and its
-    result is cut from the graph with ``stop_gradient``. Sequences do not
-    interact, so the gradient of the summed targets gives every sequence its own.
-    With a ``prefix`` the embeddings are shared-prefix chunks and the prompt
-    keys/values are constants: the result is exact at the chunk positions,
-    which hold every response token (``prefix.py``). Returns (N, L).
+    to the input embeddings ``inputs`` of those rows only (the parameters are
+    constants here) and its result is cut from the graph with
+    ``stop_gradient``. Sequences do not interact, so the gradient of the
+    summed targets gives every sequence its own. Returns (N, L) over the
+    positions of the forward's layout (the response positions in every layout).
     """
+    last = batch["last"][rows]
 
     def target(e: mx.array) -> mx.array:
-        h = hidden_states(model, e, prefix)
+        h = fwd.hidden(e, batch, rows)
         h_last = mx.take_along_axis(h, last[:, None, None], axis=1)
-        return project(model, h_last).max(axis=-1).sum()
+        return fwd.logits(h_last).max(axis=-1).sum()
 
-    grad = mx.grad(target)(embeddings)
+    grad = mx.grad(target)(inputs)
     return mx.stop_gradient(mx.abs(grad).sum(axis=-1).astype(mx.float32))
-
-
-def embedding_attribution(model: nn.Module, tokens: mx.array, last: mx.array) -> mx.array:
-    """:func:`attribution` from token ids (embeds them first)."""
-    return attribution(model, mx.stop_gradient(embed(model, tokens)), last)
 
 
 def gaussian_prior(span: mx.array, sigma_div: float) -> mx.array:

@@ -8,6 +8,9 @@ function returns one loss per pair (B,); the caller averages over pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -59,7 +62,8 @@ def simpo_loss(avg_logp_chosen: mx.array, avg_logp_rejected: mx.array, beta: flo
 def sequence_kl(policy_logprobs: mx.array, ref_logprobs: mx.array, mask: mx.array) -> mx.array:
     """``KL(y) = sum_t KL(ref(.|x, y_<t) || pi(.|x, y_<t))`` over the full vocabulary.
 
-    Inputs are log-softmax outputs (B, R, V).
+    Inputs are log-softmax outputs (B, R, V). The reference formula; a forward
+    may compute it with a fused kernel instead (``Forward.sequence_kl``).
     """
     per_token = (mx.exp(ref_logprobs) * (ref_logprobs - policy_logprobs)).sum(axis=-1)
     return (per_token * mask).sum(axis=-1)
@@ -86,3 +90,59 @@ def triplet_loss(
     d_pos = triplet_distance(rho_anchor, mask_anchor, rho_chosen, mask_chosen)
     d_neg = triplet_distance(rho_anchor, mask_anchor, rho_rejected, mask_rejected)
     return mx.maximum(d_pos - d_neg + margin, 0.0)
+
+
+@dataclass(frozen=True)
+class PairTerms:
+    """Per-pair quantities (B,) a preference loss may read; the objective fills what the loss needs.
+
+    ``margin`` is ``m_w - m_l`` (weighted sums of rho), ``avg_margin`` the
+    difference of weighted per-token means of rho, ``kl_*`` the sequential
+    KLs (tdpo only), ``avg_logp_*`` the per-token mean policy log-probs
+    (simpo only).
+    """
+
+    margin: mx.array | None = None
+    avg_margin: mx.array | None = None
+    kl_chosen: mx.array | None = None
+    kl_rejected: mx.array | None = None
+    avg_logp_chosen: mx.array | None = None
+    avg_logp_rejected: mx.array | None = None
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One ``loss_type``: its loss of :class:`PairTerms` and what it needs.
+
+    ``reference``: uses the reference model (rho); ``full_kl``: needs the
+    full-vocabulary sequential KL; ``token_weights``: accepts TI-DPO weights
+    (every reference-based loss, SPEC section 8); ``label_smoothing``: reads
+    ``label_smoothing``. ``loss(terms, keys)`` reads its scalar keys (``beta``,
+    ``alpha``, ...) as attributes of ``keys`` (the run's Config).
+    """
+
+    loss: Callable[[PairTerms, Any], mx.array]
+    reference: bool = True
+    full_kl: bool = False
+    label_smoothing: bool = False
+
+    @property
+    def token_weights(self) -> bool:
+        """Whether TI-DPO token weights apply (they replace the sums of rho)."""
+        return self.reference
+
+
+LOSSES: dict[str, LossSpec] = {
+    "dpo": LossSpec(lambda t, k: dpo_loss(t.margin, k.beta, k.label_smoothing), label_smoothing=True),
+    "ipo": LossSpec(lambda t, k: ipo_loss(t.avg_margin, k.beta)),
+    "tdpo1": LossSpec(
+        lambda t, k: tdpo_loss(t.margin, t.kl_chosen, t.kl_rejected, k.beta, 1.0, stop_chosen_kl=False), full_kl=True
+    ),
+    "tdpo2": LossSpec(
+        lambda t, k: tdpo_loss(t.margin, t.kl_chosen, t.kl_rejected, k.beta, k.alpha, stop_chosen_kl=True), full_kl=True
+    ),
+    "simpo": LossSpec(
+        lambda t, k: simpo_loss(t.avg_logp_chosen, t.avg_logp_rejected, k.simpo_beta, k.simpo_gamma), reference=False
+    ),
+}
+"""Every ``loss_type`` (SPEC sections 4 and 8); config validation derives what is allowed from it."""

@@ -16,49 +16,46 @@ import mlx.core as mx
 import numpy as np
 
 
-def pair_metrics(aux: dict[str, Any]) -> dict[str, float]:
-    """Batch means of the per-pair quantities returned by ``batch_objective``."""
-    a = {k: np.asarray(v, dtype=np.float64) for k, v in aux.items()}
-    out = {
-        "loss": float(a["loss"].mean()),
-        "loss/pref": float(a["loss_pref"].mean()),
-        "loss/triplet": float(a["loss_triplet"].mean()),
-        "rewards/chosen": float(a["reward_chosen"].mean()),
-        "rewards/rejected": float(a["reward_rejected"].mean()),
-        "rewards/margins": float((a["reward_chosen"] - a["reward_rejected"]).mean()),
-        "rewards/accuracies": float((a["reward_chosen"] > a["reward_rejected"]).mean()),
-        "logps/chosen": float(a["logp_chosen"].mean()),
-        "logps/rejected": float(a["logp_rejected"].mean()),
-    }
-    if "weights_entropy" in a:
-        out["weights/entropy"] = float(a["weights_entropy"].mean())
-    if "kl_chosen" in a:
-        out["kl/chosen"] = float(a["kl_chosen"].mean())
-        out["kl/rejected"] = float(a["kl_rejected"].mean())
-    return out
+NAMES = {
+    "loss": "loss",
+    "loss_pref": "loss/pref",
+    "loss_triplet": "loss/triplet",
+    "reward_chosen": "rewards/chosen",
+    "reward_rejected": "rewards/rejected",
+    "logp_chosen": "logps/chosen",
+    "logp_rejected": "logps/rejected",
+    "weights_entropy": "weights/entropy",
+    "kl_chosen": "kl/chosen",
+    "kl_rejected": "kl/rejected",
+}
+"""Per-pair array (``objective.batch_objective``) -> metric name, SPEC section 10 (TRL's where TRL has one)."""
 
 
-def preference_metrics(logp_chosen: np.ndarray, logp_rejected: np.ndarray,
-                       ref_chosen: np.ndarray | None, ref_rejected: np.ndarray | None,
-                       beta: float) -> dict[str, float]:
-    """Held-out metrics from summed log-probs: reward accuracy and policy preference accuracy.
+def pair_metrics(per_pair: dict[str, Any]) -> dict[str, float]:
+    """Means over pairs of whichever per-pair quantities are given, under their metric names.
 
-    ``policy_preference_accuracy``: share of pairs whose summed policy log-prob of
-    the chosen response is strictly above the rejected one's.
+    With rewards: ``rewards/margins`` (chosen - rejected) and ``rewards/accuracies``
+    (share of pairs with the chosen reward strictly above the rejected one).
     """
-    out = {"policy_preference_accuracy": float((logp_chosen > logp_rejected).mean())}
-    if ref_chosen is not None:
-        rc = beta * (logp_chosen - ref_chosen)
-        rr = beta * (logp_rejected - ref_rejected)
-        out.update({
-            "rewards/chosen": float(rc.mean()),
-            "rewards/rejected": float(rr.mean()),
-            "rewards/margins": float((rc - rr).mean()),
-            "rewards/accuracies": float((rc > rr).mean()),
-        })
-    out["logps/chosen"] = float(logp_chosen.mean())
-    out["logps/rejected"] = float(logp_rejected.mean())
+    a = {k: np.asarray(v, dtype=np.float64) for k, v in per_pair.items()}
+    out = {}
+    for key, name in NAMES.items():
+        if key in a:
+            out[name] = float(a[key].mean())
+        if key == "reward_rejected" and key in a:
+            out["rewards/margins"] = float((a["reward_chosen"] - a["reward_rejected"]).mean())
+            out["rewards/accuracies"] = float((a["reward_chosen"] > a["reward_rejected"]).mean())
     return out
+
+
+def held_out_metrics(per_pair: dict[str, Any]) -> dict[str, float]:
+    """:func:`pair_metrics` plus ``policy_preference_accuracy`` (held-out only).
+
+    ``policy_preference_accuracy``: share of pairs whose summed policy log-prob
+    of the chosen response is strictly above the rejected one's.
+    """
+    chosen, rejected = np.asarray(per_pair["logp_chosen"]), np.asarray(per_pair["logp_rejected"])
+    return {"policy_preference_accuracy": float((chosen > rejected).mean()), **pair_metrics(per_pair)}
 
 
 def peak_memory_gb() -> float:

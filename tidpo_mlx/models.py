@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,12 +19,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from tidpo_mlx import prefix as shared
 from tidpo_mlx.config import ALL_LINEAR, Config, LoRAParameters
-
-
-class ModelError(ValueError):
-    """A model that cannot be found, fetched or used; the message says which and why."""
+from tidpo_mlx.errors import ModelError, first_line
+from tidpo_mlx.files import atomic_save_safetensors, atomic_write_text
 
 
 class SwitchableLoRALinear(LoRALinear):
@@ -86,6 +82,17 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
             layer.enabled = True
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run this block with the model in eval mode (no dropout); its earlier mode comes back after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def resolve_model(spec: str) -> Path:
     """A local MLX/HF folder for a built-in name, a .gguf file, a folder or a Hub id."""
     from tidpo_mlx import builtin
@@ -118,9 +125,8 @@ def resolve_model(spec: str) -> Path:
             )
         )
     except Exception as err:  # the Hub client raises many types; the message is what matters
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(
-            f"{spec}: not cached and could not be downloaded from the Hugging Face Hub ({first})"
+            f"{spec}: not cached and could not be downloaded from the Hugging Face Hub ({first_line(err)})"
         ) from None
 
 
@@ -146,18 +152,15 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
-def load_base(path: Path, dequantize: str = "auto", plain_attention: str = "auto") -> tuple[nn.Module, Any, list[str]]:
+def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, list[str]]:
     """Load model + tokenizer with mlx-lm; return (model, tokenizer, notes for the log).
 
     On the CPU, ``quantized_matmul`` is ~80x slower than an fp32 GEMM, so the
     frozen base is dequantized to float32 there unless ``dequantize`` is
-    false; and attention runs as plain ops that ``mx.compile`` can share
-    between the attribution and the loss forward (``plain_attention.py``).
-    On a GPU both stay as they are unless forced.
+    false; on a GPU it stays quantized unless forced. How the model then runs
+    is the forward's business (``forward.make_forward``).
     """
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
-
-    from tidpo_mlx import plain_attention as plain
 
     config = _read_config(path)
     try:
@@ -172,68 +175,7 @@ def load_base(path: Path, dequantize: str = "auto", plain_attention: str = "auto
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())
         notes.append("frozen base dequantized to float32 for compute (dequantize: false keeps it quantized)")
-    check_embedding_input(model, str(path))
-    if plain_attention == "true" or (plain_attention == "auto" and on_cpu()):
-        swapped = plain.use_plain_attention(model)
-        if swapped:
-            diff = plain.max_logit_difference(model)
-            if diff > 1e-4:
-                plain.restore_fused_attention(model)
-                raise ModelError(f"{path}: plain-op attention differs from the fused one by {diff:.2e} of the logit scale")
-            notes.append(f"attention as plain ops in {swapped} blocks (CPU; logits match fused to {diff:.1e})")
-            if shared.supported(model):
-                diff = shared.max_difference(model)
-                if diff > 1e-4:
-                    raise ModelError(f"{path}: the shared-prefix forward differs from full rows by {diff:.2e}")
-                notes.append(f"shared-prefix forward available (matches full rows to {diff:.1e})")
-        elif plain_attention == "true":
-            raise ModelError(f"{path}: plain_attention: true, but no block of this model type supports it")
     return model, tokenizer, notes
-
-
-def embed(model: nn.Module, tokens: mx.array) -> mx.array:
-    """Input embeddings ``E = embed(s)`` (N, L, D)."""
-    return model.model.embed_tokens(tokens)
-
-
-def hidden_states(model: nn.Module, embeddings: mx.array, prefix: shared.Prefix | None = None) -> mx.array:
-    """Final hidden states (after the last norm) from input embeddings.
-
-    With a ``prefix`` the embeddings are the chunks of the shared-prefix
-    layout, run after their prompts (``prefix.py``).
-    """
-    if prefix is not None:
-        return shared.response_hidden_states(model, embeddings, prefix)
-    return model.model(None, input_embeddings=embeddings)
-
-
-def project(model: nn.Module, hidden: mx.array) -> mx.array:
-    """The LM head: hidden states to vocabulary logits."""
-    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
-        return model.model.embed_tokens.as_linear(hidden)
-    return model.lm_head(hidden)
-
-
-def check_embedding_input(model: nn.Module, name: str) -> None:
-    """Fail clearly unless ``project(hidden_states(embed(x)))`` reproduces ``model(x)``.
-
-    Attribution differentiates with respect to the input embeddings, so the
-    model must accept ``input_embeddings`` and add nothing between the final
-    hidden states and the LM head (mlx-lm's llama, qwen2, qwen3, mistral do).
-    """
-    from mlx_lm.utils import does_model_support_input_embeddings
-
-    if not does_model_support_input_embeddings(model) or not hasattr(model, "model"):
-        raise ModelError(f"{name}: model type {model.model_type!r} does not accept input embeddings")
-    tokens = mx.array([[1, 2, 3, 4]])
-    ours = project(model, hidden_states(model, embed(model, tokens)))
-    theirs = model(tokens)
-    scale = mx.abs(theirs).max().item() + 1e-6
-    if mx.abs(ours - theirs).max().item() > 1e-3 * scale:
-        raise ModelError(
-            f"{name}: model type {model.model_type!r} transforms its hidden states before the "
-            "LM head in a way tidpo-mlx does not reproduce"
-        )
 
 
 def attach_lora(model: nn.Module, cfg: Config) -> None:
@@ -300,20 +242,6 @@ def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file through a temporary name and rename (never half-written)."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary name and rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_adapters(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
     """``adapters.safetensors`` + ``adapter_config.json`` in mlx-lm's format."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -361,7 +289,7 @@ def load_adapted(model_spec: str, adapter_path: str | None, cfg: Config) -> tupl
         saved = json.loads(cfg_file.read_text())
         if saved.get("fine_tune_type", "lora") == "full":
             dequantize = "true"
-    model, tokenizer, _ = load_base(path, dequantize, cfg.plain_attention)
+    model, tokenizer, _ = load_base(path, dequantize)
     if saved is not None:
         lp = saved.get("lora_parameters") or {}
         adapter_cfg = dataclasses.replace(

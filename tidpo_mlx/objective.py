@@ -1,67 +1,73 @@
-"""The training objective on one collated batch: log-probs, weights, losses, metrics.
+"""The training objective on one batch: log-probs, token weights, losses, metrics (SPEC sections 1-6).
 
-A batch stacks the chosen, rejected (and anchor) sequences of B pairs (see
-``data.collate``), as whole rows or in the shared-prefix layout (each pair's
-prompt run once, ``prefix.py``). The policy and the reference run from the
-same input embeddings ``E``; the reference is the same model in
-``reference_mode``. Logits are computed only at the positions that predict
-response tokens.
+A batch stacks the chosen, rejected (and anchor) sequences of B pairs; its
+:class:`~tidpo_mlx.batching.Layout` says which. The policy ``pi`` and the
+reference ``ref`` run from the same input embeddings ``E``; the reference is
+the same model in ``reference_mode``. Logits are computed only at the
+positions that predict response tokens. How the model runs is the
+forward's business (``forward.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlx.core as mx
-import mlx.nn as nn
 
 from tidpo_mlx import losses
+from tidpo_mlx.batching import Layout
 from tidpo_mlx.config import Config
+from tidpo_mlx.forward import Forward
 from tidpo_mlx.importance import attribution, response_weights, span_weights, weights_entropy
-from tidpo_mlx.models import embed, hidden_states, project, reference_mode
-from tidpo_mlx.plain_attention import PromptKV
-from tidpo_mlx.prefix import Prefix, prompt_pass
+from tidpo_mlx.models import eval_mode, reference_mode
 
-
-ROW_KEYS = ("tokens", "resp_pos", "resp_mask")
-"""The batch arrays :func:`response_logprobs` reads, sliced per group of rows."""
-
-
-def prompt_kv(model: nn.Module, batch: dict[str, mx.array]) -> list[PromptKV] | None:
-    """The prompt pass of a shared-prefix batch in the model's current mode (None for whole rows)."""
-    if "prompt_tokens" not in batch:
-        return None
-    return prompt_pass(model, embed(model, batch["prompt_tokens"]))
-
-
-def row_prefix(kv: list[PromptKV] | None, batch: dict[str, mx.array], rows: slice) -> Prefix | None:
-    """The prompts of a slice of a shared-prefix batch's rows (None for whole rows)."""
-    return None if kv is None else Prefix(kv, batch["positions"][rows], batch["attn_mask"][rows])
+PER_PAIR_KEYS = (
+    "loss",
+    "loss_pref",
+    "loss_triplet",
+    "reward_chosen",
+    "reward_rejected",
+    "weighted_margin",
+    "logp_chosen",
+    "logp_rejected",
+    "kl_chosen",
+    "kl_rejected",
+)
+"""Per-pair arrays :func:`batch_objective` returns (``kl_*`` for tdpo losses only)."""
 
 
 def response_logprobs(
-    model: nn.Module, embeddings: mx.array, batch: dict[str, mx.array], full: bool, prefix: Prefix | None = None
+    fwd: Forward, inputs: mx.array, batch: dict[str, mx.array], rows: slice, full: bool
 ) -> tuple[mx.array, mx.array | None]:
-    """Per-token ``log pi(y_t | x, y_<t)`` (N, R), and the full log-softmax (N, R, V) if ``full``.
+    """Per-token ``log pi(y_t | x, y_<t)`` (N, R) of the rows ``rows``, and the full log-softmax (N, R, V) if ``full``.
 
     The logits for response token t come from the position before it; the
     hidden states are gathered there before the LM head.
     """
-    h = hidden_states(model, embeddings, prefix)
-    pos = batch["resp_pos"]
+    h = fwd.hidden(inputs, batch, rows)
+    pos = batch["resp_pos"][rows]
     h = mx.take_along_axis(h, (pos - 1)[..., None], axis=1)
-    logits = project(model, h).astype(mx.float32)
-    targets = mx.take_along_axis(batch["tokens"], pos, axis=1)
+    logits = fwd.logits(h).astype(mx.float32)
+    targets = mx.take_along_axis(batch["tokens"][rows], pos, axis=1)
     logz = mx.logsumexp(logits, axis=-1, keepdims=True)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1) - logz
-    logp = picked[..., 0] * batch["resp_mask"]
+    logp = picked[..., 0] * batch["resp_mask"][rows]
     return logp, (logits - logz if full else None)
 
 
-def token_weights(
-    model: nn.Module, cfg: Config, batch: dict[str, mx.array], embeddings: mx.array, rows: int
-) -> dict[str, mx.array]:
-    """The token weights of the first ``rows`` sequences, exactly as the loss uses them.
+def batch_logprobs(
+    fwd: Forward, batch: dict[str, mx.array], inputs: mx.array, layout: Layout, full: bool
+) -> tuple[mx.array, mx.array | None]:
+    """Per-token log-probs of all rows (N, R), one forward per row group of the layout.
+
+    The pair rows run as their own forward, the very one the attribution
+    runs, so a compiled step computes it once; the anchor rows run apart. The
+    full log-softmax (if ``full``) is that of the pair rows.
+    """
+    outs = [response_logprobs(fwd, inputs[r], batch, r, full and i == 0) for i, r in enumerate(layout.groups)]
+    return mx.concatenate([o[0] for o in outs]), outs[0][1]
+
+
+def token_weights(fwd: Forward, cfg: Config, batch: dict[str, mx.array], inputs: mx.array, rows: int) -> dict[str, mx.array]:
+    """The token weights of the first ``rows`` sequences, exactly as the loss uses them (SPEC sections 1-3).
 
     Returns ``importance`` (the attribution I over positions, or None when the
     weighting needs none), ``span_weights`` (w over the span, (rows, L)) and
@@ -70,11 +76,8 @@ def token_weights(
     """
     importance = None
     if cfg.uses_attribution:
-        training = model.training
-        model.train(False)
-        prefix = row_prefix(prompt_kv(model, batch), batch, slice(0, rows))
-        importance = attribution(model, embeddings[:rows], batch["last"][:rows], prefix)
-        model.train(training)
+        with eval_mode(fwd.model):
+            importance = attribution(fwd, inputs[:rows], batch, slice(0, rows))
     span = batch["resp_span" if cfg.weight_span == "response" else "seq_mask"][:rows]
     w_span = span_weights(
         cfg.weighting,
@@ -89,87 +92,51 @@ def token_weights(
     return {"importance": importance, "span_weights": w_span, "weights": mx.stop_gradient(w)}
 
 
-def batch_logprobs(
-    model: nn.Module, batch: dict[str, mx.array], embeddings: mx.array, groups: list[slice], full: bool
-) -> tuple[mx.array, mx.array | None]:
-    """Per-token log-probs of all rows (N, R), run as one forward per group of rows.
-
-    Groups let the pair rows run as their own forward, the very one the
-    attribution runs, so a compiled step computes it once; the anchor rows run
-    apart. The full log-softmax (if ``full``) is that of the first group.
-    """
-    kv = prompt_kv(model, batch)
-    outs = [
-        response_logprobs(
-            model, embeddings[r], {k: batch[k][r] for k in ROW_KEYS}, full and i == 0, row_prefix(kv, batch, r)
-        )
-        for i, r in enumerate(groups)
-    ]
-    return mx.concatenate([o[0] for o in outs]), outs[0][1]
-
-
-def processed_tokens(batch: dict[str, mx.array]) -> mx.array:
-    """Non-pad tokens of all rows as whole sequences (a shared prompt counts once per row, as mlx-lm counts)."""
-    ntoks = batch["seq_mask"].sum()
-    if "prompt_mask" in batch:
-        ntoks = ntoks + batch["prompt_mask"].sum() * (batch["tokens"].shape[0] // batch["pair_index"].shape[0])
-    return ntoks
-
-
-def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
+def batch_objective(
+    fwd: Forward, cfg: Config, batch: dict[str, mx.array], layout: Layout
+) -> tuple[mx.array, dict[str, mx.array]]:
     """Loss ``L = mean over pairs of (L_pref + gamma * L_trip)`` and per-pair/per-batch metrics.
 
-    Works for every ``loss_type`` and ``weighting`` of the config. With anchor
-    rows in the batch (N = 3B) the triplet term is on; without (N = 2B) it is 0.
+    Works for every ``loss_type`` (``losses.LOSSES``) and ``weighting`` of the
+    config. With anchor rows in the layout the triplet term is on; without it is 0.
     """
-    tokens = batch["tokens"]
-    b = batch["pair_index"].shape[0]
-    has_anchor = tokens.shape[0] == 3 * b
+    b = layout.pairs
+    spec = losses.LOSSES[cfg.loss_type]
     mask = batch["resp_mask"]
-    need_kl = cfg.loss_type in ("tdpo1", "tdpo2")
-    e = embed(model, tokens)
-    groups = [slice(0, 2 * b)] + ([slice(2 * b, 3 * b)] if has_anchor else [])
-    logp, logp_full = batch_logprobs(model, batch, e, groups, need_kl)
+    m_c, m_r = mask[:b], mask[b: 2 * b]
+    inputs = fwd.embed(batch)
+    logp, logp_full = batch_logprobs(fwd, batch, inputs, layout, spec.full_kl)
 
     aux: dict[str, mx.array] = {}
-    if cfg.uses_reference:
-        with reference_mode(model):
-            ref_logp, ref_full = batch_logprobs(model, batch, e, groups, need_kl)
-        ref_logp = mx.stop_gradient(ref_logp)
-        rho = logp - ref_logp
-        w = token_weights(model, cfg, batch, e, 2 * b)["weights"]
+    trip = mx.zeros((b,))
+    if spec.reference:
+        with reference_mode(fwd.model):
+            ref_logp, ref_full = batch_logprobs(fwd, batch, inputs, layout, spec.full_kl)
+        rho = logp - mx.stop_gradient(ref_logp)
+        w = token_weights(fwd, cfg, batch, inputs, 2 * b)["weights"]
         w_c, w_r = w[:b], w[b:]
-        m_c, m_r = mask[:b], mask[b: 2 * b]
         rho_c, rho_r = rho[:b], rho[b: 2 * b]
         margin = losses.weighted_sum(rho_c, w_c, m_c) - losses.weighted_sum(rho_r, w_r, m_r)
-        if cfg.loss_type == "dpo":
-            pref = losses.dpo_loss(margin, cfg.beta, cfg.label_smoothing)
-        elif cfg.loss_type == "ipo":
-            avg = losses.weighted_mean(rho_c, w_c, m_c) - losses.weighted_mean(rho_r, w_r, m_r)
-            pref = losses.ipo_loss(avg, cfg.beta)
-        else:
-            kl = losses.sequence_kl(logp_full[: 2 * b], mx.stop_gradient(ref_full[: 2 * b]), mask[: 2 * b])
-            aux["kl_chosen"], aux["kl_rejected"] = kl[:b], kl[b:]
-            tdpo1 = cfg.loss_type == "tdpo1"
-            pref = losses.tdpo_loss(
-                margin, kl[:b], kl[b:], cfg.beta, 1.0 if tdpo1 else cfg.alpha, stop_chosen_kl=not tdpo1
-            )
+        avg_margin = losses.weighted_mean(rho_c, w_c, m_c) - losses.weighted_mean(rho_r, w_r, m_r)
+        terms = {"margin": margin, "avg_margin": avg_margin}  # lazy: a loss that reads neither costs nothing
+        if spec.full_kl:
+            kl = fwd.sequence_kl(logp_full[: 2 * b], mx.stop_gradient(ref_full[: 2 * b]), mask[: 2 * b])
+            terms["kl_chosen"], terms["kl_rejected"] = aux["kl_chosen"], aux["kl_rejected"] = kl[:b], kl[b:]
+        pref = spec.loss(losses.PairTerms(**terms), cfg)
         sum_rho = (rho * mask).sum(axis=-1)
         aux["reward_chosen"] = cfg.beta * sum_rho[:b]
         aux["reward_rejected"] = cfg.beta * sum_rho[b: 2 * b]
         aux["weighted_margin"] = margin
         aux["weights_entropy"] = weights_entropy(w, mask[: 2 * b])
-        if has_anchor and cfg.uses_triplet:
+        if layout.anchors:
             trip = losses.triplet_loss(rho[2 * b:], mask[2 * b:], rho_c, m_c, rho_r, m_r, cfg.triplet_margin)
-        else:
-            trip = mx.zeros((b,))
     else:
         avg_lp = logp.sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1.0)
-        pref = losses.simpo_loss(avg_lp[:b], avg_lp[b: 2 * b], cfg.simpo_beta, cfg.simpo_gamma)
-        aux["reward_chosen"] = cfg.simpo_beta * avg_lp[:b]
-        aux["reward_rejected"] = cfg.simpo_beta * avg_lp[b: 2 * b]
-        aux["weighted_margin"] = avg_lp[:b] - avg_lp[b: 2 * b]
-        trip = mx.zeros((b,))
+        terms = losses.PairTerms(avg_logp_chosen=avg_lp[:b], avg_logp_rejected=avg_lp[b: 2 * b])
+        pref = spec.loss(terms, cfg)
+        aux["reward_chosen"] = cfg.simpo_beta * terms.avg_logp_chosen
+        aux["reward_rejected"] = cfg.simpo_beta * terms.avg_logp_rejected
+        aux["weighted_margin"] = terms.avg_logp_chosen - terms.avg_logp_rejected
     per_pair = pref + cfg.gamma * trip
     sums = logp.sum(axis=-1)
     aux.update(
@@ -178,11 +145,6 @@ def batch_objective(model: nn.Module, cfg: Config, batch: dict[str, mx.array]) -
         loss_triplet=trip,
         logp_chosen=sums[:b],
         logp_rejected=sums[b: 2 * b],
-        ntoks=processed_tokens(batch),
+        ntoks=fwd.token_count(batch, layout),
     )
     return per_pair.mean(), aux
-
-
-def to_mx(batch: dict[str, Any]) -> dict[str, mx.array]:
-    """numpy batch arrays to MLX arrays."""
-    return {k: mx.array(v) for k, v in batch.items()}

@@ -1,52 +1,40 @@
 """The training loop: compiled step, accumulation, clipping, eval, checkpoints, resume.
 
-Randomness is a function of (seed, step): batch order, dropout and random
-weights are reseeded per micro-batch and anchors per step, so a resumed run
-repeats an uninterrupted one.
+:func:`prepare` loads everything a run needs into a :class:`Run`;
+:func:`train` is the loop. Randomness is a function of (seed, step): batch
+order, dropout and random weights are reseeded per micro-batch and anchors
+per step, so a resumed run repeats an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.nn.utils import average_gradients
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 from tidpo_mlx.anchors import AnchorSource
+from tidpo_mlx.batching import Layout, collate, iterate_batches
+from tidpo_mlx.checkpoint import checkpoint_dirs, restore_checkpoint, save_checkpoint
 from tidpo_mlx.config import Config, save_config
-from tidpo_mlx.data import Dataset, Example, PairEncoder, collate, eval_batches, iterate_batches, load_dataset
-from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb, preference_metrics
-from tidpo_mlx.models import (
-    adapter_config,
-    reference_mode,
-    atomic_save_safetensors,
-    atomic_write_text,
-    attach_trainable,
-    embed,
-    load_adapter_weights,
-    load_base,
-    resolve_model,
-    save_adapters,
-)
-from tidpo_mlx.objective import batch_logprobs, batch_objective, to_mx
-from tidpo_mlx.prefix import active as shared_prefix_active
-
-CHECKPOINTS = "checkpoints"
-
-
-class TrainingError(RuntimeError):
-    """Training stopped (non-finite loss, bad resume state); the message says where."""
+from tidpo_mlx.data import Dataset, Example, PairEncoder, load_dataset
+from tidpo_mlx.errors import TrainingError
+from tidpo_mlx.evaluation import HeldOut, pad_id_of
+from tidpo_mlx.files import atomic_write_text
+from tidpo_mlx.forward import Forward, make_forward
+from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb
+from tidpo_mlx.models import adapter_config, attach_trainable, load_adapter_weights, load_base, resolve_model, save_adapters
+from tidpo_mlx.objective import batch_objective
+from tidpo_mlx.seeds import MICRO_BATCH, derive_seed
 
 
 @dataclass
@@ -93,136 +81,29 @@ def build_optimizer(cfg: Config) -> optim.Optimizer:
     return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
 
 
-def micro_seed(seed: int, micro: int) -> int:
-    """Seed of the global RNG (dropout, random weights) for micro-batch ``micro``."""
-    return (seed * 7_919 + micro * 104_729 + 17) % (2**31)
-
-
-class HeldOut:
-    """Held-out metrics from summed response log-probs; reference log-probs computed once.
-
-    Not compiled: held-out batches come in many lengths, and tracing the model
-    once per shape costs more than the compiled forward saves.
-    """
-
-    def __init__(
-        self, model: nn.Module, cfg: Config, examples: list[Example], pad_id: int, world: Any, shared_prefix: bool
-    ):
-        self.model = model
-        self.cfg = cfg
-        self.world = world
-        self.batches = []
-        self.pairs = 0
-        for k, b in enumerate(eval_batches(examples, 2 * cfg.batch_size, cfg.val_batches)):
-            if k % world.size() == world.rank():
-                batch = to_mx(collate(b, pad_id, shared_prefix=shared_prefix))
-                self.batches.append((batch, np.arange(self.pairs, self.pairs + len(b))))
-            self.pairs += len(b)
-        self.ref = None
-        if cfg.uses_reference:
-            with reference_mode(model):
-                self.ref = self._run(self._sums)
-
-    def _sums(self, batch: dict[str, mx.array]) -> mx.array:
-        logp, _ = batch_logprobs(self.model, batch, embed(self.model, batch["tokens"]), [slice(None)], full=False)
-        return logp.sum(axis=-1)
-
-    def _run(self, fn: Callable[[dict[str, mx.array]], mx.array]) -> tuple[np.ndarray, np.ndarray]:
-        """Summed log-probs of every held-out pair (each rank does its batches, then all_sum)."""
-        training = self.model.training
-        self.model.eval()
-        sums = np.zeros((2, self.pairs), dtype=np.float32)
-        for batch, positions in self.batches:
-            values = np.array(fn(batch))
-            sums[0, positions] = values[: len(positions)]
-            sums[1, positions] = values[len(positions):]
-        self.model.train(training)
-        if self.world.size() > 1:
-            sums = np.array(mx.distributed.all_sum(mx.array(sums), stream=mx.cpu))
-        return sums[0], sums[1]
-
-    def __call__(self, policy_is_reference: bool = False) -> dict[str, float]:
-        """Metrics of the current policy; ``policy_is_reference`` reuses the reference sums
-        (fresh LoRA: lora_b is 0, so the policy computes exactly the reference)."""
-        if policy_is_reference and self.ref is not None:
-            chosen, rejected = self.ref
-        else:
-            chosen, rejected = self._run(self._sums)
-        ref = self.ref or (None, None)
-        beta = self.cfg.beta
-        return preference_metrics(chosen, rejected, ref[0], ref[1], beta)
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = out / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
-
-
-def save_checkpoint(out: Path, step: int, model: nn.Module, opt: optim.Optimizer, config: dict[str, Any], keep: int) -> Path:
-    """Adapters, optimizer state and step, written to a temp folder and renamed into place."""
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapters(model, tmp, config)
-    atomic_save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(opt.state)))
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoint_dirs(out)[: -max(keep, 1)]:
-        shutil.rmtree(old)
-    return final
-
-
-def restore_checkpoint(out: Path, model: nn.Module, opt: optim.Optimizer, world: Any) -> int:
-    """Load the newest checkpoint into ``model`` and ``opt``; return its step.
-
-    Rank 0 reads the files and broadcasts weights, optimizer state and step
-    (an ``all_sum`` with zeros elsewhere), so other machines need no copy.
-    """
-    step = mx.array(0)
-    if world.rank() == 0:
-        found = checkpoint_dirs(out)
-        if not found:
-            raise TrainingError(f"{out}: --resume given but there is no checkpoint in {out / CHECKPOINTS}")
-        last = found[-1]
-        load_adapter_weights(model, last)
-        opt.state = tree_unflatten(list(mx.load(str(last / "optimizer.safetensors")).items()))
-        step = mx.array(int(json.loads((last / "state.json").read_text())["step"]))
-    if world.size() > 1:
-        def share(tree: Any) -> Any:
-            """Rank 0's values everywhere, in a key order every rank agrees on."""
-            flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
-            return tree_unflatten([
-                (k, mx.distributed.all_sum(v if world.rank() == 0 else mx.zeros_like(v), stream=mx.cpu))
-                for k, v in flat
-            ])
-
-        model.update(share(model.trainable_parameters()))
-        opt.state = share(opt.state)
-        step = share({"step": step})["step"]
-        mx.eval(model.parameters(), opt.state)
-    return int(step.item())
-
-
-def compile_steps(model: nn.Module, cfg: Config, opt: optim.Optimizer) -> tuple[Callable, Callable]:
-    """The compiled micro-step ``batch -> (loss, aux, grads)`` and update ``grads -> None``.
+def compile_steps(fwd: Forward, cfg: Config, opt: optim.Optimizer) -> tuple[Callable, Callable]:
+    """The compiled micro-step ``(batch, layout) -> (loss, aux, grads)`` and update ``grads -> None``.
 
     The micro-step differentiates ``batch_objective`` with respect to the
-    trainable (LoRA) parameters; the update clips the global norm to
-    ``max_grad_norm`` and applies the optimizer.
+    trainable (LoRA) parameters, compiled once per layout (with and without
+    anchor rows); the update clips the global norm to ``max_grad_norm`` and
+    applies the optimizer.
     """
-    value_and_grad = nn.value_and_grad(model, lambda batch: batch_objective(model, cfg, batch))
+    model = fwd.model
     reference = model.__dict__.get("_reference_weights", {})
+    compiled: dict[Layout, Callable] = {}
 
-    @partial(mx.compile, inputs=[model.state, mx.random.state, reference], outputs=[model.state, mx.random.state])
-    def grad_step(batch: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array], Any]:
-        (loss, aux), grads = value_and_grad(batch)
-        return loss, aux, grads
+    def grad_step(batch: dict[str, mx.array], layout: Layout) -> tuple[mx.array, dict[str, mx.array], Any]:
+        if layout not in compiled:
+            value_and_grad = nn.value_and_grad(model, lambda b: batch_objective(fwd, cfg, b, layout))
+
+            @partial(mx.compile, inputs=[model.state, mx.random.state, reference], outputs=[model.state, mx.random.state])
+            def step(b: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array], Any]:
+                (loss, aux), grads = value_and_grad(b)
+                return loss, aux, grads
+
+            compiled[layout] = step
+        return compiled[layout](batch)
 
     @partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
     def apply_step(grads: Any) -> None:
@@ -237,6 +118,138 @@ def _global_norm(grads: Any) -> mx.array:
     return mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
 
 
+@dataclass
+class Run:
+    """Everything a training run needs, loaded by :func:`prepare`."""
+
+    cfg: Config
+    world: Any
+    out: Path
+    model_path: Path
+    fwd: Forward
+    tokenizer: Any
+    data: Dataset
+    encoder: PairEncoder
+    pad_id: int
+    opt: optim.Optimizer
+    start: int
+    adapter_config: dict[str, Any]
+    metrics: MetricsLog | None
+    log: Callable[[str], None]
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process is rank 0 (writes files, logs)."""
+        return self.world.rank() == 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append a record to ``metrics.jsonl`` (rank 0)."""
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def batches(self, micro: int) -> Iterator[list[Example]]:
+        """This rank's share of the micro-batches from micro-batch ``micro`` on."""
+        rank, size = self.world.rank(), self.world.size()
+        return (b[rank::size] for b in iterate_batches(self.data.train, self.cfg.batch_size, self.cfg.seed, start=micro))
+
+    def upcoming(self, micro: int, count: int) -> list[list[Example]]:
+        """The next ``count`` micro-batches of this rank from ``micro`` (for amortised anchors)."""
+        ahead = self.batches(micro)
+        return [next(ahead) for _ in range(count)]
+
+
+def prepare(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> Run:
+    """Load model, data, adapters, optimizer and (with ``resume``) the newest checkpoint."""
+    world = mx.distributed.init()
+    if cfg.batch_size % world.size():
+        raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {world.size()} ranks")
+    lead = world.rank() == 0
+    if not lead:
+        log = lambda message: None  # noqa: E731
+    out = Path(cfg.adapter_path)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(cfg.seed)
+
+    model_path = resolve_model(cfg.model)
+    dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
+    model, tokenizer, notes = load_base(model_path, dequantize)
+    fwd, forward_notes = make_forward(model, cfg, str(model_path))
+    log(f"model: {cfg.model} -> {model_path}")
+    for note in notes + forward_notes:
+        log(f"  {note}")
+    data = load_dataset(cfg.data, tokenizer, cfg)
+    log(
+        f"data: {cfg.data}: {len(data.train)} train, {len(data.valid)} valid pairs; "
+        f"truncated: {data.truncated_prompts} prompts, {data.truncated_responses} responses"
+    )
+    attach_trainable(model, cfg)
+    if cfg.resume_adapter_file:
+        load_adapter_weights(model, cfg.resume_adapter_file)
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    opt = build_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    start = restore_checkpoint(out, model, opt, world) if resume else 0
+    metrics = None
+    if lead:
+        save_config(cfg, out / "config.yaml")
+        metrics = MetricsLog(out / "metrics.jsonl", keep_until=start if resume else None)
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}")
+    if world.size() > 1:
+        log(f"distributed: {world.size()} ranks, each {cfg.batch_size // world.size()} of the {cfg.batch_size} pairs of a batch")
+    return Run(
+        cfg, world, out, model_path, fwd, tokenizer, data, PairEncoder(tokenizer, cfg), pad_id_of(tokenizer),
+        opt, start, adapter_config(cfg, model_path), metrics, log,
+    )
+
+
+def optimizer_step(run: Run, step: int, micro_batches: Iterator[list[Example]], anchors: AnchorSource,
+                   grad_step: Callable, apply_step: Callable) -> dict[str, float]:
+    """One optimizer step: ``grad_accumulation_steps`` micro-batches, all-reduce, clip, update; its metrics."""
+    cfg, size = run.cfg, run.world.size()
+    tic = time.perf_counter()
+    grads, pairs, ntoks, sources = None, [], mx.array(0.0), []
+    for j in range(cfg.grad_accumulation_steps):
+        micro = (step - 1) * cfg.grad_accumulation_steps + j
+        examples = next(micro_batches)
+        sources.append(f"{examples[0].source}..")
+        sampled = anchors.for_batch(step, micro, examples) if cfg.triplet_on else None
+        mx.random.seed(derive_seed(cfg.seed, micro, MICRO_BATCH))
+        loss, aux, g = grad_step(*run.fwd.prepare(collate(examples, run.pad_id, sampled)))
+        mx.eval(loss, aux, g)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        ntoks = ntoks + aux.pop("ntoks")
+        pairs.append(aux)
+    if cfg.grad_accumulation_steps > 1:
+        grads = tree_map(lambda x: x / cfg.grad_accumulation_steps, grads)
+    per_pair = {k: mx.concatenate([a[k] for a in pairs]) for k in pairs[0]}
+    if size > 1:
+        grads = average_gradients(grads)
+        per_pair = {k: mx.distributed.all_gather(v, stream=mx.cpu) for k, v in per_pair.items()}
+        ntoks = mx.distributed.all_sum(ntoks, stream=mx.cpu)
+    norm = _global_norm(grads).item()
+    record = pair_metrics(per_pair)
+    if not (all_finite(record) and math.isfinite(norm)):
+        last = checkpoint_dirs(run.out)
+        kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written"
+        raise TrainingError(
+            f"non-finite loss or gradient at step {step} (batch starting at {sources[0]}); "
+            f"nothing saved for this step, {kept}"
+        )
+    apply_step(grads)
+    mx.eval(run.fwd.model.parameters(), run.opt.state)
+    dt = time.perf_counter() - tic
+    record.update(
+        step=step, grad_norm=norm, lr=run.opt.learning_rate.item(), tokens_per_s=ntoks.item() / dt, step_time=dt,
+        peak_memory_gb=peak_memory_gb(),
+    )
+    return record
+
+
 def train(
     cfg: Config,
     resume: bool = False,
@@ -249,119 +262,24 @@ def train(
     ``on_step(step, metrics)`` is called after every optimizer step (before
     that step's eval and checkpoint), like mlx-lm's training callback.
     """
-    world = mx.distributed.init()
-    rank, size = world.rank(), world.size()
-    if cfg.batch_size % size:
-        raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {size} ranks")
-    lead = rank == 0
-    if not lead:
-        log, progress = (lambda message: None), False
-    out = Path(cfg.adapter_path)
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
-    mx.random.seed(cfg.seed)
-
-    model_path = resolve_model(cfg.model)
-    dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
-    model, tokenizer, notes = load_base(model_path, dequantize, cfg.plain_attention)
-    log(f"model: {cfg.model} -> {model_path}")
-    for note in notes:
-        log(f"  {note}")
-    data: Dataset = load_dataset(cfg.data, tokenizer, cfg)
-    log(
-        f"data: {cfg.data}: {len(data.train)} train, {len(data.valid)} valid pairs; "
-        f"truncated: {data.truncated_prompts} prompts, {data.truncated_responses} responses"
-    )
-    encoder = PairEncoder(tokenizer, cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    attach_trainable(model, cfg)
-    if cfg.resume_adapter_file:
-        load_adapter_weights(model, cfg.resume_adapter_file)
-    if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
-    opt = build_optimizer(cfg)
-    opt.init(model.trainable_parameters())
-    start = restore_checkpoint(out, model, opt, world) if resume else 0
-    config = adapter_config(cfg, model_path)
-    metrics_log = None
-    if lead:
-        save_config(cfg, out / "config.yaml")
-        metrics_log = MetricsLog(out / "metrics.jsonl", keep_until=start if resume else None)
-    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}")
-    if size > 1:
-        log(f"distributed: {size} ranks, each {cfg.batch_size // size} of the {cfg.batch_size} pairs of a batch")
-
-    def write(record: dict[str, Any]) -> None:
-        if metrics_log is not None:
-            metrics_log.write(record)
-
+    run = prepare(cfg, resume, log)
+    log = run.log
     t = time.perf_counter()
-    shared_prefix = shared_prefix_active(model, cfg)
-    if shared_prefix:
-        log("  shared prefix: each pair's prompt runs once for its chosen/rejected/anchor rows")
-    held_out = HeldOut(model, cfg, data.valid, pad_id, world, shared_prefix)
+    held_out = HeldOut(run.fwd, cfg, run.data.valid, run.pad_id, run.world)
     before = None
-    if start == 0:
+    if run.start == 0:
         before = held_out(policy_is_reference=not cfg.resume_adapter_file)
         log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
-        write({"step": 0, "split": "valid", **before})
-
-    model.train()
-    grad_step, apply_step = compile_steps(model, cfg, opt)
-
-    accum = cfg.grad_accumulation_steps
-    batches = (b[rank::size] for b in iterate_batches(data.train, cfg.batch_size, cfg.seed, start=start * accum))
-
-    def upcoming(micro: int, count: int) -> list[list[Example]]:
-        ahead = iterate_batches(data.train, cfg.batch_size, cfg.seed, start=micro)
-        return [next(ahead)[rank::size] for _ in range(count)]
-
-    anchor_source = AnchorSource(model, tokenizer, encoder, cfg, upcoming)
-    bar = _progress(cfg.iters, start, progress)
+        run.write({"step": 0, "split": "valid", **before})
+    run.fwd.model.train()
+    grad_step, apply_step = compile_steps(run.fwd, cfg, run.opt)
+    micro_batches = run.batches(run.start * cfg.grad_accumulation_steps)
+    anchors = AnchorSource(run.fwd.model, run.tokenizer, run.encoder, cfg, run.upcoming)
+    bar = _progress(cfg.iters, run.start, progress and run.lead)
     t_train = time.perf_counter()
-    for step in range(start + 1, cfg.iters + 1):
-        tic = time.perf_counter()
-        grads, pairs, ntoks, sources = None, [], mx.array(0.0), []
-        for j in range(accum):
-            micro = (step - 1) * accum + j
-            examples = next(batches)
-            sources.append(f"{examples[0].source}..")
-            anchors = None
-            if cfg.uses_triplet and cfg.anchor == "sample":
-                anchors = anchor_source.for_batch(step, micro, examples)
-            mx.random.seed(micro_seed(cfg.seed, micro))
-            loss, aux, g = grad_step(to_mx(collate(examples, pad_id, anchors, shared_prefix=shared_prefix)))
-            mx.eval(loss, aux, g)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            ntoks = ntoks + aux.pop("ntoks")
-            pairs.append(aux)
-        grads = tree_map(lambda x: x / accum, grads) if accum > 1 else grads
-        per_pair = {k: mx.concatenate([a[k] for a in pairs]) for k in pairs[0]}
-        if size > 1:
-            grads = average_gradients(grads)
-            per_pair = {k: mx.distributed.all_gather(v, stream=mx.cpu) for k, v in per_pair.items()}
-            ntoks = mx.distributed.all_sum(ntoks, stream=mx.cpu)
-        norm = _global_norm(grads).item()
-        record = pair_metrics(per_pair)
-        if not (all_finite(record) and math.isfinite(norm)):
-            last = checkpoint_dirs(out)
-            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written"
-            raise TrainingError(
-                f"non-finite loss or gradient at step {step} (batch starting at {sources[0]}); "
-                f"nothing saved for this step, {kept}"
-            )
-        apply_step(grads)
-        mx.eval(model.parameters(), opt.state)
-        lr = opt.learning_rate.item()
-        dt = time.perf_counter() - tic
-        record.update(
-            step=step, grad_norm=norm, lr=lr, tokens_per_s=ntoks.item() / dt, step_time=dt, peak_memory_gb=peak_memory_gb()
-        )
-        write(record)
+    for step in range(run.start + 1, cfg.iters + 1):
+        record = optimizer_step(run, step, micro_batches, anchors, grad_step, apply_step)
+        run.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -369,22 +287,22 @@ def train(
             on_step(step, record)
         if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
             val = held_out()
-            write({"step": step, "split": "valid", **val})
+            run.write({"step": step, "split": "valid", **val})
             log(f"step {step} held-out: {_fmt(val)}")
-        if lead and ((cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters):
-            save_checkpoint(out, step, model, opt, config, cfg.save_total_limit)
+        if run.lead and ((cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters):
+            save_checkpoint(run.out, step, run.fwd.model, run.opt, run.adapter_config, cfg.save_total_limit)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_train
     t = time.perf_counter()
     after = held_out()
-    write({"step": cfg.iters, "split": "valid", **after})
+    run.write({"step": cfg.iters, "split": "valid", **after})
     log(f"held-out after ({time.perf_counter() - t:.1f} s): {_fmt(after)}")
-    if lead:
-        save_adapters(model, out, config)
-        summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": size}
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return TrainResult(out, model_path, cfg.iters, seconds, before, after)
+    if run.lead:
+        save_adapters(run.fwd.model, run.out, run.adapter_config)
+        summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": run.world.size()}
+        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
+    return TrainResult(run.out, run.model_path, cfg.iters, seconds, before, after)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

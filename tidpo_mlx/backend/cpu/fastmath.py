@@ -12,7 +12,7 @@ merging the attribution forward with the loss forward (TI-DPO / DPO 1.26
 instead of 1.17, measured side by side); eager callers (generation) run the
 dozen ops unfused, a few ms per decode step.
 
-Used by the CPU path's SiLU and attention softmax (``plain_attention.py``);
+Used by the CPU path's SiLU and attention softmax (``attention.py``);
 on Metal the fused kernels stay. The log-softmax over the vocabulary keeps
 ``mx.logsumexp``: differentiating through the polynomial there kept
 vocabulary-sized intermediates (+0.22 GB peak for 4 x 24 response positions

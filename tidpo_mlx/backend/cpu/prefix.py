@@ -1,8 +1,7 @@
 """Shared-prefix forward: each pair's prompt runs once for all of its rows.
 
 The chosen, rejected (and anchor) sequences of a pair share the prompt
-``x``; on the bundled data it is ~40 of ~57 tokens. In the shared layout of
-``data.collate(..., shared_prefix=True)`` the prompt minus its last token
+``x``; on the bundled data it is ~40 of ~57 tokens. In the shared layout (:func:`shared_layout`, derived from whole rows) the prompt minus its last token
 runs once per pair (the *prompt pass*, recording every block's keys and
 values), and each row runs only its *chunk*: the prompt's last token
 followed by the response, attending over the recorded prompt keys and its
@@ -20,7 +19,7 @@ the LoRA weights through the prompt positions exactly as before.
 (``weighting: random`` draws one number per position of a row, so it draws
 other numbers than whole rows would, from the same distribution.)
 
-Needs the plain-op attention (``plain_attention.py``) in every block of an
+Needs the plain-op attention (``attention.py``) in every block of an
 mlx-lm llama / qwen2 / mistral model without sliding-window layers.
 """
 
@@ -30,10 +29,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from tidpo_mlx.config import Config, ConfigError
-from tidpo_mlx.data import Example, collate
-from tidpo_mlx.plain_attention import SUPPORTED, PrefixContext, PromptKV, plain_classes
+from tidpo_mlx.backend.cpu.attention import MASKED, SUPPORTED, PrefixContext, PromptKV, plain_classes
+from tidpo_mlx.batching import Rows, round_up
 
 
 @dataclass(frozen=True)
@@ -55,26 +54,55 @@ def supported(model: nn.Module) -> bool:
     )
 
 
-def active(model: nn.Module, cfg: Config) -> bool:
-    """Whether training/eval batches use the shared layout for this model and config.
+def shared_layout(rows: Rows) -> dict[str, np.ndarray]:
+    """The shared-prefix arrays of a batch of whole rows.
 
-    ``shared_prefix: auto`` turns it on wherever it is exact and supported:
-    token weights over the response span (or none at all), no gradient
-    checkpointing (it would recompute the prompt pass apart from its keys).
-    ``true`` insists (an error when impossible), ``false`` keeps full rows.
+    Each row becomes its *chunk* ``x[-1:] ++ y``: ``tokens``, ``seq_mask``,
+    ``resp_span``, ``resp_pos``, ``resp_mask`` and ``last`` index the chunk;
+    ``prompt_tokens`` / ``prompt_mask`` (B, P) hold ``x[:-1]`` of each pair
+    (run once), ``positions`` (N, Lc) the chunk's absolute positions and
+    ``attn_mask`` (N, Lc, P + Lc) is additive: 0 where a chunk position may
+    attend to a prompt position, then to a chunk position, else :data:`MASKED`.
     """
-    if cfg.shared_prefix == "false":
-        return False
-    reasons = []
-    if not supported(model):
-        reasons.append("the model has no plain-op attention in every block (plain_attention)")
-    if cfg.weight_span != "response" and cfg.weighting != "none":
-        reasons.append("weight_span: sequence needs the prompt in every row")
-    if cfg.grad_checkpoint:
-        reasons.append("grad_checkpoint is on")
-    if reasons and cfg.shared_prefix == "true":
-        raise ConfigError(f"shared_prefix: true is not possible here: {'; '.join(reasons)}")
-    return not reasons
+    a, b = rows.arrays, rows.layout.pairs
+    n = a["tokens"].shape[0]
+    starts = a["prompt_len"] - 1
+    ends = a["last"] + 1
+    L = round_up(int((ends - starts).max()))
+    R = a["resp_pos"].shape[1]
+    tokens = np.full((n, L), rows.pad_id, dtype=np.int32)
+    seq_mask = np.zeros((n, L), dtype=np.float32)
+    resp_span = np.zeros((n, L), dtype=np.float32)
+    resp_pos = np.ones((n, R), dtype=np.int32)
+    for i in range(n):
+        width = ends[i] - starts[i]
+        tokens[i, :width] = a["tokens"][i, starts[i]: ends[i]]
+        seq_mask[i, :width] = 1.0
+        resp_span[i, 1:width] = 1.0
+        resp_pos[i, : width - 1] = np.arange(1, width)
+    P = round_up(max(1, int(starts[:b].max())))
+    prompt_tokens = np.full((b, P), rows.pad_id, dtype=np.int32)
+    prompt_mask = np.zeros((b, P), dtype=np.float32)
+    for j in range(b):
+        prompt_tokens[j, : starts[j]] = a["tokens"][j, : starts[j]]
+        prompt_mask[j, : starts[j]] = 1.0
+    chunk = np.arange(L)
+    to_prompt = np.arange(P)[None, None, :] < starts[:, None, None]
+    to_chunk = chunk[None, None, :] <= chunk[None, :, None]
+    allowed = np.concatenate([np.broadcast_to(to_prompt, (n, L, P)), np.broadcast_to(to_chunk, (n, L, L))], axis=-1)
+    return dict(
+        pair_index=a["pair_index"],
+        tokens=tokens,
+        seq_mask=seq_mask,
+        resp_span=resp_span,
+        resp_pos=resp_pos,
+        resp_mask=a["resp_mask"],
+        last=(ends - starts - 1).astype(np.int32),
+        prompt_tokens=prompt_tokens,
+        prompt_mask=prompt_mask,
+        positions=(starts[:, None] + chunk[None, :]).astype(np.int32),
+        attn_mask=np.where(allowed, 0.0, MASKED).astype(np.float32),
+    )
 
 
 def prompt_pass(model: nn.Module, prompt_embeddings: mx.array) -> list[PromptKV]:
@@ -95,20 +123,3 @@ def response_hidden_states(model: nn.Module, embeddings: mx.array, prefix: Prefi
     for layer, kv in zip(model.model.layers, prefix.kv):
         h = layer(h, None, PrefixContext(kv, prefix.positions, prefix.mask))
     return model.model.norm(h)
-
-
-def max_difference(model: nn.Module) -> float:
-    """Largest hidden-state difference, shared-prefix vs full rows, on fixed token ids, relative to their scale."""
-    ids = [(7 * i + 3) % 97 + 1 for i in range(24)]
-    pair = Example(index=0, source="check", messages=[], prompt=ids[:11], chosen=ids[11:17], rejected=ids[:10:-1])
-    full = {k: mx.array(v) for k, v in collate([pair], 0).items()}
-    shared = {k: mx.array(v) for k, v in collate([pair], 0, shared_prefix=True).items()}
-    want = model.model(full["tokens"])
-    want = mx.take_along_axis(want, full["resp_pos"][..., None] - 1, axis=1)
-    embed = model.model.embed_tokens
-    prefix = Prefix(prompt_pass(model, embed(shared["prompt_tokens"])), shared["positions"], shared["attn_mask"])
-    got = response_hidden_states(model, embed(shared["tokens"]), prefix)
-    got = mx.take_along_axis(got, shared["resp_pos"][..., None] - 1, axis=1)
-    keep = full["resp_mask"][..., None]
-    scale = max(float(mx.abs(want * keep).max()), 1e-6)
-    return float(mx.abs((got - want) * keep).max()) / scale

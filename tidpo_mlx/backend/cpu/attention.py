@@ -9,7 +9,8 @@ of the forward is the same in both. ``mx.fast.rope`` and
 attention of llama-style blocks is computed here with plain ops whose
 constants (cos/sin tables, causal mask) are built once per length and shared.
 Softmax and SiLU use the polynomial ``exp`` of ``fastmath.py`` (4x MLX's
-CPU ``exp``). On Metal the fused kernels stay. With a KV cache (generation) or any other
+CPU ``exp``). The rules these follow are the compile contract of
+``backend/cpu/__init__.py``. On Metal the fused kernels stay. With a KV cache (generation) or any other
 mask the block's own implementation runs; the shared-prefix forward
 (``prefix.py``) passes :class:`PromptKV` / :class:`PrefixContext` as the cache.
 """
@@ -23,10 +24,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from tidpo_mlx import fastmath
-from tidpo_mlx.data import MASKED
+from tidpo_mlx.backend.cpu import fastmath
 
 SUPPORTED = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.mistral")
+
+MASKED = -1e9
+"""Additive attention-mask value of a blocked key: finite, as ``fastmath.exp`` needs, and exp gives 0."""
 
 _tables: dict[tuple[int, float, int], tuple[mx.array, mx.array, mx.array]] = {}
 _classes: dict[type, type] = {}
@@ -125,7 +128,9 @@ def _plain_call(self: nn.Module, x: mx.array, mask: Any = None, cache: Any = Non
 
 def _eligible(attn: nn.Module) -> bool:
     rope = getattr(attn, "rope", None)
-    head_dim = attn.q_proj.weight.shape[0] // attn.n_heads if hasattr(attn, "q_proj") else 0
+    q_proj = getattr(attn, "q_proj", None)
+    base = getattr(q_proj, "linear", q_proj)  # under LoRA the Linear is wrapped
+    head_dim = base.weight.shape[0] // attn.n_heads if base is not None else 0
     return (
         type(attn).__module__ in SUPPORTED
         and type(rope) is nn.RoPE

@@ -1,0 +1,171 @@
+"""Evaluation without training: the held-out pass of a run and ``tidpo-mlx eval``, one path.
+
+Both compute per-pair arrays and summarise them with the metric names of
+training (``metrics.py``: TRL's ``rewards/accuracies``, ``rewards/margins``,
+...). :class:`HeldOut` needs only summed log-probs, with the reference's
+computed once; :func:`evaluate_pairs` runs the recipe's whole objective
+(``objective.batch_objective``, the very function training differentiates)
+on every pair with the model in eval mode.
+
+Anchors (triplet term): a pair's ``anchor`` field wins; the others are sampled
+from the policy with the recipe's sampler, seeded from the pair's index
+(``seeds.anchor_seed(seed, 0, index)``) with one keyed sampler per pair, so a
+pair's anchor does not depend on the batch it lands in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from tidpo_mlx.anchors import sample_anchors
+from tidpo_mlx.batching import collate, eval_batches
+from tidpo_mlx.config import Config
+from tidpo_mlx.data import Example, PairEncoder, read_jsonl, resolve_data_dir
+from tidpo_mlx.errors import DataError
+from tidpo_mlx.forward import Forward
+from tidpo_mlx.metrics import held_out_metrics
+from tidpo_mlx.models import eval_mode, reference_mode
+from tidpo_mlx.objective import PER_PAIR_KEYS, batch_logprobs, batch_objective
+from tidpo_mlx.seeds import EVAL_BATCH, derive_seed
+
+
+@dataclass
+class Pairs:
+    """The rows of a JSONL file and their encoded examples (same order)."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    examples: list[Example]
+    encoder: PairEncoder
+
+
+def resolve_data_file(data: str) -> Path:
+    """A JSONL file, or a data folder / bundled dataset name (its ``valid.jsonl``)."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix == ".jsonl":
+        raise DataError(f"{data}: no such file")
+    folder = resolve_data_dir(data)
+    valid = folder / "valid.jsonl"
+    if not valid.exists():
+        raise DataError(f"{folder}: no valid.jsonl (pass a .jsonl file with --data)")
+    return valid
+
+
+def load_pairs(data: str, tokenizer: Any, cfg: Config, limit: int | None = None) -> Pairs:
+    """Read and encode the pairs of ``data`` (first ``limit`` pairs if given)."""
+    path = resolve_data_file(data)
+    read = read_jsonl(path)
+    if limit is not None and limit >= 0:
+        read = read[:limit]
+    encoder = PairEncoder(tokenizer, cfg)
+    examples = [encoder.encode_row(i, where, row) for i, (where, row) in enumerate(read)]
+    return Pairs(path, [row for _, row in read], examples, encoder)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The padding id batches use (pad token, else 0)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def batch_seed(cfg: Config, first_index: int) -> int:
+    """Seed of the global RNG for one eval batch (only ``weighting: random`` draws from it)."""
+    return derive_seed(cfg.seed, first_index, EVAL_BATCH)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Pairs and the held-out metrics of per-pair records, plus the mean weighted margin ``m_w - m_l``."""
+    arrays = {k: np.array([r[k] for r in records], dtype=np.float64) for k in records[0] if k != "index"}
+    return {
+        "pairs": len(records),
+        **held_out_metrics(arrays),
+        "margins/weighted": float(arrays["weighted_margin"].mean()),
+    }
+
+
+class HeldOut:
+    """Held-out metrics of the current policy from summed response log-probs.
+
+    The reference's sums are computed once. Each rank evaluates its share of
+    the batches, then the sums are all-summed. Not compiled: held-out batches
+    come in many lengths, and tracing the model once per shape costs more
+    than the compiled forward saves.
+    """
+
+    def __init__(self, fwd: Forward, cfg: Config, examples: list[Example], pad_id: int, world: Any):
+        self.fwd = fwd
+        self.cfg = cfg
+        self.world = world
+        self.batches = []
+        self.pairs = 0
+        for k, b in enumerate(eval_batches(examples, 2 * cfg.batch_size, cfg.val_batches)):
+            if k % world.size() == world.rank():
+                batch, layout = fwd.prepare(collate(b, pad_id))
+                self.batches.append((batch, layout, np.arange(self.pairs, self.pairs + len(b))))
+            self.pairs += len(b)
+        self.ref = None
+        if cfg.uses_reference:
+            with reference_mode(fwd.model):
+                self.ref = self._sums()
+
+    def _sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """Summed log-probs of every held-out pair, chosen and rejected, in the model's current mode."""
+        sums = np.zeros((2, self.pairs), dtype=np.float32)
+        with eval_mode(self.fwd.model):
+            for batch, layout, positions in self.batches:
+                logp, _ = batch_logprobs(self.fwd, batch, self.fwd.embed(batch), layout, full=False)
+                values = np.array(logp.sum(axis=-1))
+                sums[0, positions] = values[: len(positions)]
+                sums[1, positions] = values[len(positions):]
+        if self.world.size() > 1:
+            sums = np.array(mx.distributed.all_sum(mx.array(sums), stream=mx.cpu))
+        return sums[0], sums[1]
+
+    def __call__(self, policy_is_reference: bool = False) -> dict[str, float]:
+        """Metrics of the current policy; ``policy_is_reference`` reuses the reference sums
+        (fresh LoRA: lora_b is 0, so the policy computes exactly the reference)."""
+        chosen, rejected = self.ref if policy_is_reference and self.ref is not None else self._sums()
+        per_pair = {"logp_chosen": chosen, "logp_rejected": rejected}
+        if self.ref is not None:
+            beta = self.cfg.beta
+            per_pair.update(reward_chosen=beta * (chosen - self.ref[0]), reward_rejected=beta * (rejected - self.ref[1]))
+        return held_out_metrics(per_pair)
+
+
+def evaluate_pairs(
+    fwd: Forward,
+    tokenizer: Any,
+    cfg: Config,
+    pairs: Pairs,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The recipe's per-pair loss and metrics on every pair, in input order.
+
+    Records carry ``index`` (0-based position in the file) and the per-pair
+    arrays of ``batch_objective`` (``kl_*`` for tdpo losses only). Rewards are
+    SPEC section 10's ``beta * sum rho`` (simpo: ``simpo_beta * avg logp``).
+    """
+    pad = pad_id_of(tokenizer)
+    records: dict[int, dict[str, Any]] = {}
+    with eval_mode(fwd.model):
+        for batch_examples in eval_batches(pairs.examples, batch_size):
+            anchors = None
+            if cfg.triplet_on:
+                anchors = sample_anchors(fwd.model, tokenizer, pairs.encoder, batch_examples, cfg, step=0)
+            batch, layout = fwd.prepare(collate(batch_examples, pad, anchors))
+            mx.random.seed(batch_seed(cfg, batch_examples[0].index))
+            _, aux = batch_objective(fwd, cfg, batch, layout)
+            mx.eval(aux)
+            values = {k: np.array(v, dtype=np.float64) for k, v in aux.items() if k in PER_PAIR_KEYS}
+            for j, ex in enumerate(batch_examples):
+                records[ex.index] = {"index": ex.index, **{k: float(values[k][j]) for k in PER_PAIR_KEYS if k in values}}
+            if progress is not None:
+                progress(len(batch_examples))
+    return [records[i] for i in sorted(records)]
