@@ -19,27 +19,50 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
+import mmap
 import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from tidpo_mlx.errors import ConvertError, MissingFileError, first_line
 
 # Bump when the output of ``gguf_to_mlx`` changes: old cache entries are then ignored.
 CONVERTER_VERSION = 1
 
 GROUP_SIZE = 32  # MLX's GGUF reader always uses 32 (the GGUF block size)
 
-# GGML tensor types by id (ggml.h), for messages.
+
+class GGMLType(NamedTuple):
+    """A GGML tensor type: its name and storage (``block_size`` values in ``block_bytes`` bytes)."""
+
+    name: str
+    block_size: int
+    block_bytes: int
+
+
+# GGML tensor types by id (ggml.h) with their block layout (ggml.c type_traits).
 # fmt: off
 GGML_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
-    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
-    35: "TQ2_0", 39: "MXFP4",
+    0: GGMLType("F32", 1, 4), 1: GGMLType("F16", 1, 2), 2: GGMLType("Q4_0", 32, 18),
+    3: GGMLType("Q4_1", 32, 20), 6: GGMLType("Q5_0", 32, 22), 7: GGMLType("Q5_1", 32, 24),
+    8: GGMLType("Q8_0", 32, 34), 9: GGMLType("Q8_1", 32, 40), 10: GGMLType("Q2_K", 256, 84),
+    11: GGMLType("Q3_K", 256, 110), 12: GGMLType("Q4_K", 256, 144), 13: GGMLType("Q5_K", 256, 176),
+    14: GGMLType("Q6_K", 256, 210), 15: GGMLType("Q8_K", 256, 292), 16: GGMLType("IQ2_XXS", 256, 66),
+    17: GGMLType("IQ2_XS", 256, 74), 18: GGMLType("IQ3_XXS", 256, 98), 19: GGMLType("IQ1_S", 256, 50),
+    20: GGMLType("IQ4_NL", 32, 18), 21: GGMLType("IQ3_S", 256, 110), 22: GGMLType("IQ2_S", 256, 82),
+    23: GGMLType("IQ4_XS", 256, 136), 24: GGMLType("I8", 1, 1), 25: GGMLType("I16", 1, 2),
+    26: GGMLType("I32", 1, 4), 27: GGMLType("I64", 1, 8), 28: GGMLType("F64", 1, 8),
+    29: GGMLType("IQ1_M", 256, 56), 30: GGMLType("BF16", 1, 2), 34: GGMLType("TQ1_0", 256, 54),
+    35: GGMLType("TQ2_0", 256, 66), 39: GGMLType("MXFP4", 32, 17), 40: GGMLType("NVFP4", 64, 36),
+    41: GGMLType("Q1_0", 128, 18),
 }
 # fmt: on
 # Kept quantized (MLX affine, group size 32): type -> bits.
@@ -97,33 +120,206 @@ PRE_TOKENIZERS = {
 
 # --------------------------------------------------------------------------- reading
 
+# GGUF metadata value types: fixed-size scalars (struct / numpy format), string, array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q"}
+_UINT32, _STRING, _ARRAY, _FLOAT64 = 4, 8, 9, 12
+_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata entry count
+_MIN_ENTRY = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_INFO = 8 + 4 + 8 + 4 + 8  # name length, dimension count, one dimension, type, offset
+_MAX_DIMS = 4  # GGML_MAX_DIMS: MLX's GGUF reader aborts the process on more
+_MAX_LEN = 2**31 - 1  # MLX's GGUF reader holds string lengths, array counts and dimensions in an int
+_DEFAULT_ALIGNMENT = 32
 
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_NUMPY = {
-    0: "<u1",
-    1: "<i1",
-    2: "<u2",
-    3: "<i2",
-    4: "<u4",
-    5: "<i4",
-    6: "<f4",
-    7: "?",
-    10: "<u8",
-    11: "<i8",
-    12: "<f8",
-}
+
+class _Problem(ConvertError):
+    """A malformed or unsupported GGUF, said without the file name (``_naming`` adds it)."""
+
+
+@contextmanager
+def _naming(gguf_path) -> Iterator[None]:
+    """Re-raise a ``_Problem`` inside the block as a one-line ``ConvertError`` starting with the file name."""
+    try:
+        yield
+    except _Problem as e:
+        raise ConvertError(f"{gguf_path}: {first_line(e)}") from None
+
+
+def _show(value) -> str:
+    """A metadata value for a message: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _TensorInfo(NamedTuple):
+    """A tensor as the GGUF header describes it; ``shape`` is row-major (``mx.load``'s order)."""
+
+    name: str
+    type: GGMLType
+    shape: tuple[int, ...]
+    offset: int  # from the start of the data section
+
+
+class _Cursor:
+    """Little-endian fields of a mapped GGUF, each checked against the bytes left before it is read."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data, self.pos = data, 0
+
+    def need(self, n: int, what: str) -> None:
+        """Fail unless ``n`` more bytes are left for ``what``."""
+        left = len(self.data) - self.pos
+        if n > left:
+            raise _Problem(
+                f"truncated or corrupt GGUF: {what} needs {n} bytes at offset {self.pos}, the file has {left} left"
+            )
+
+    def take(self, n: int, what: str) -> bytes:
+        """The next ``n`` bytes (checked first)."""
+        self.need(n, what)
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def scalar(self, fmt: str, what: str):
+        """The next value of struct format ``fmt``."""
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def count(self, what: str, item_bytes: int) -> int:
+        """A 64-bit length or count of items of at least ``item_bytes`` bytes that all fit in the file."""
+        n = self.scalar("<Q", f"the length of {what}")
+        if n > _MAX_LEN:
+            raise _Problem(f"corrupt GGUF: {what} has length {n} (more than MLX's limit {_MAX_LEN})")
+        self.need(n * item_bytes, f"{what} ({n} items)" if item_bytes != 1 else what)
+        return n
+
+    def string(self, what: str, *, strict: bool = False) -> str:
+        """A length-prefixed UTF-8 string (``strict``: invalid UTF-8 is an error, else replaced)."""
+        raw = self.take(self.count(what, 1), what)
+        try:
+            return raw.decode("utf-8", errors="strict" if strict else "replace")
+        except UnicodeDecodeError:
+            raise _Problem(f"corrupt GGUF: {what} at offset {self.pos - len(raw)} is not UTF-8") from None
+
+
+def _value_type_problem(vtype: int, key: str) -> _Problem:
+    """The error for a metadata value type we do not read."""
+    if vtype == _FLOAT64:
+        return _Problem(f"metadata {key!r} is float64, which MLX's GGUF reader misreads (it crashes)")
+    if vtype == _ARRAY:
+        return _Problem(f"metadata {key!r} is an array of arrays, which MLX's GGUF reader does not load")
+    return _Problem(f"corrupt GGUF: metadata {key!r} has unknown value type {vtype}")
+
+
+def _read_array(cur: _Cursor, key: str) -> list:
+    """A metadata array: strings or fixed-size scalars (MLX loads no other kind)."""
+    etype = cur.scalar("<I", f"the element type of metadata {key!r}")
+    what = f"metadata {key!r}"
+    if etype == _STRING:
+        return [cur.string(what) for _ in range(cur.count(what, 8))]
+    if etype not in _SCALARS:
+        raise _value_type_problem(etype, key)
+    dtype = np.dtype(_SCALARS[etype])
+    n = cur.count(what, dtype.itemsize)
+    return np.frombuffer(cur.take(n * dtype.itemsize, what), dtype).tolist()
+
+
+def _read_value(cur: _Cursor, vtype: int, key: str):
+    """A metadata value of type ``vtype``."""
+    if vtype == _STRING:
+        return cur.string(f"metadata {key!r}")
+    if vtype == _ARRAY:
+        return _read_array(cur, key)
+    if vtype in _SCALARS:
+        return cur.scalar(_SCALARS[vtype], f"metadata {key!r}")
+    raise _value_type_problem(vtype, key)
+
+
+def _read_metadata(cur: _Cursor, count: int) -> dict:
+    """``count`` metadata entries; a key may appear once, ``general.alignment`` must be a power of two."""
+    metadata = {}
+    for _ in range(count):
+        key = cur.string("a metadata key", strict=True)
+        if key in metadata:
+            raise _Problem(f"corrupt GGUF: metadata key {key!r} appears twice")
+        vtype = cur.scalar("<I", f"the value type of metadata {key!r}")
+        metadata[key] = value = _read_value(cur, vtype, key)
+        if key == "general.alignment" and (vtype != _UINT32 or value < 1 or value & (value - 1)):
+            raise _Problem(f"GGUF general.alignment must be a uint32 power of two, not {_show(value)}")
+    return metadata
+
+
+def _read_tensor_info(cur: _Cursor) -> _TensorInfo:
+    """One tensor info: name, dimensions (innermost first in the file), type and data offset."""
+    name = cur.string("a tensor name", strict=True)
+    n_dims = cur.scalar("<I", f"the dimension count of tensor {name!r}")
+    if not 1 <= n_dims <= _MAX_DIMS:
+        raise _Problem(f"corrupt GGUF: tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} are valid)")
+    dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims, f"the dimensions of tensor {name!r}"))
+    ttype = cur.scalar("<I", f"the type of tensor {name!r}")
+    offset = cur.scalar("<Q", f"the data offset of tensor {name!r}")
+    if ttype not in GGML_TYPES:
+        raise _Problem(f"corrupt GGUF: tensor {name!r} has unknown GGML type {ttype}")
+    shape = tuple(reversed(dims))
+    if not all(1 <= d <= _MAX_LEN for d in shape):
+        raise _Problem(f"corrupt GGUF: tensor {name!r} has shape {shape} (each dimension 1 to {_MAX_LEN})")
+    return _TensorInfo(name, GGML_TYPES[ttype], shape, offset)
+
+
+def _nbytes(info: _TensorInfo) -> int:
+    """Bytes of a tensor's data: whole blocks of its type along each row."""
+    block, block_bytes = info.type.block_size, info.type.block_bytes
+    if info.shape[-1] % block:
+        raise _Problem(
+            f"corrupt GGUF: tensor {info.name!r} ({info.type.name}, shape {info.shape}) has rows of "
+            f"{info.shape[-1]} values, not whole blocks of {block}"
+        )
+    return math.prod(info.shape) // block * block_bytes
+
+
+def _check_data(infos: list[_TensorInfo], data_start: int, size: int, alignment: int) -> None:
+    """Every tensor's data aligned, inside the file after ``data_start``, and overlapping no other."""
+    if data_start > size:
+        raise _Problem(f"truncated GGUF: the tensor data would start at byte {data_start}, the file has {size}")
+    end, previous = 0, None
+    for info in sorted(infos, key=lambda i: i.offset):
+        if info.offset % alignment:
+            raise _Problem(
+                f"corrupt GGUF: tensor {info.name!r} data offset {info.offset} "
+                f"is not a multiple of the alignment {alignment}"
+            )
+        if info.offset < end:
+            raise _Problem(f"corrupt GGUF: the data of tensors {previous!r} and {info.name!r} overlap")
+        end, previous = info.offset + _nbytes(info), info.name
+        if data_start + end > size:
+            raise _Problem(
+                f"truncated GGUF: tensor {info.name!r} ({info.type.name}, shape {info.shape}) ends at byte "
+                f"{data_start + end}, the file has {size}"
+            )
+
+
+def _read_tensor_infos(cur: _Cursor, count: int, alignment: int) -> dict[str, _TensorInfo]:
+    """``count`` tensor infos by name, with their data checked to lie inside the file."""
+    infos = {}
+    for _ in range(count):
+        info = _read_tensor_info(cur)
+        if info.name in infos:
+            raise _Problem(f"corrupt GGUF: tensor {info.name!r} appears twice")
+        infos[info.name] = info
+    data_start = cur.pos + (-cur.pos) % alignment
+    _check_data(list(infos.values()), data_start, len(cur.data), alignment)
+    return infos
+
+
+def _parse_header(cur: _Cursor) -> tuple[dict, dict]:
+    """``(metadata, tensors)`` of the GGUF under ``cur``, every length, count and offset checked."""
+    magic, version, n_tensors, n_kv = _HEADER.unpack(cur.take(_HEADER.size, "the GGUF header"))
+    if magic != b"GGUF":
+        raise _Problem("not a GGUF file (no GGUF magic)")
+    if version not in (2, 3):
+        raise _Problem(f"GGUF version {version} is not supported (need 2 or 3, little-endian)")
+    cur.need(n_kv * _MIN_ENTRY + n_tensors * _MIN_TENSOR_INFO, f"{n_kv} metadata entries and {n_tensors} tensor infos")
+    metadata = _read_metadata(cur, n_kv)
+    infos = _read_tensor_infos(cur, n_tensors, metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+    return metadata, {name: (info.type.name, info.shape) for name, info in infos.items()}
 
 
 def read_gguf_header(gguf_path) -> tuple[dict, dict]:
@@ -132,49 +328,24 @@ def read_gguf_header(gguf_path) -> tuple[dict, dict]:
     ``metadata`` maps keys to Python values (numeric arrays as lists);
     ``tensors`` maps tensor names to ``(type_name, shape)`` with the shape in
     row-major order (as ``mx.load`` gives it, before any quantization packing).
+    Every length, count, dimension and data offset is checked against the file
+    size before it is used, so nothing is allocated for a corrupt value and
+    ``mx.load`` (C++) only ever sees a file whose structure holds together;
+    anything else is a one-line ``ConvertError`` naming the file.
     """
-    with open(gguf_path, "rb") as f:
-        data = f.read(8)
-        if len(data) < 8 or data[:4] != b"GGUF":
-            raise ValueError(f"{gguf_path}: not a GGUF file (no GGUF magic)")
-        version = struct.unpack("<I", data[4:8])[0]
-        if version < 2:
-            raise ValueError(f"{gguf_path}: GGUF version {version} is too old (need 2 or 3)")
-
-        def read(fmt):
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def read_str():
-            return f.read(read("<Q")).decode("utf-8", errors="replace")
-
-        def read_value(vtype):
-            if vtype == 8:
-                return read_str()
-            if vtype == 9:
-                etype, count = read("<I"), read("<Q")
-                if etype == 8:
-                    return [read_str() for _ in range(count)]
-                if etype in _NUMPY:
-                    dt = np.dtype(_NUMPY[etype])
-                    return np.frombuffer(f.read(dt.itemsize * count), dtype=dt).tolist()
-                return [read_value(etype) for _ in range(count)]
-            if vtype in _SCALARS:
-                return read(_SCALARS[vtype])
-            raise ValueError(f"{gguf_path}: unknown GGUF metadata value type {vtype}")
-
-        n_tensors, n_kv = read("<Q"), read("<Q")
-        metadata = {}
-        for _ in range(n_kv):
-            key = read_str()
-            metadata[key] = read_value(read("<I"))
-        tensors = {}
-        for _ in range(n_tensors):
-            name = read_str()
-            dims = [read("<Q") for _ in range(read("<I"))]
-            ttype = read("<I")
-            read("<Q")  # offset
-            tensors[name] = (GGML_TYPES.get(ttype, f"type {ttype}"), tuple(reversed(dims)))
-    return metadata, tensors
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise MissingFileError(f"GGUF file not found: {path}")
+    with _naming(path):
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < _HEADER.size:
+                    raise _Problem(f"not a GGUF file ({size} bytes, shorter than a GGUF header)")
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    return _parse_header(_Cursor(data))
+        except OSError as e:
+            raise _Problem(f"cannot read the file: {e.strerror or e}") from None
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -184,7 +355,7 @@ def _hf_name(gguf_name: str) -> str:
         return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in TOP_NAMES:
         return f"{TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no llama counterpart (not supported)")
+    raise _Problem(f"GGUF tensor {gguf_name!r} has no llama counterpart (not supported)")
 
 
 def _unpermute_rows(n_heads: int, rows: int) -> np.ndarray:
@@ -199,68 +370,157 @@ def _unpermute_rows(n_heads: int, rows: int) -> np.ndarray:
     return np.argsort(perm)
 
 
-def _float(metadata, key, default):
-    """A float32 metadata value, printed short (1e-05, not 9.999999747378752e-06)."""
-    return float(f"{float(metadata.get(key, default)):.7g}")
+def _is_number(value) -> bool:
+    """An int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _int(metadata, key, default=None):
+def _float(metadata: dict, key: str, default: float) -> float:
+    """A positive finite float32 metadata value, printed short (1e-05, not 9.999999747378752e-06)."""
     value = metadata.get(key, default)
-    if value is None:
-        raise ValueError(f"GGUF metadata has no {key!r}")
-    return int(value)
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise _Problem(f"GGUF metadata {key!r} is {_show(value)}, not a positive number")
+    return float(f"{float(value):.7g}")
+
+
+def _int(metadata: dict, key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer metadata value of at least ``minimum``; ``default`` when absent (``None``: required)."""
+    if key not in metadata:
+        if default is None:
+            raise _Problem(f"GGUF metadata has no {key!r}")
+        return default
+    value = metadata[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _Problem(f"GGUF metadata {key!r} is {_show(value)}, not an integer >= {minimum}")
+    return value
+
+
+def _str(metadata: dict, key: str, default: str | None = None) -> str | None:
+    """A string metadata value (``default`` when absent)."""
+    value = metadata.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise _Problem(f"GGUF metadata {key!r} is {_show(value)}, not a string")
+    return value
+
+
+def _list(metadata: dict, key: str, kind: type) -> list:
+    """A metadata array whose items are all ``kind`` (empty when absent)."""
+    value = metadata.get(key, [])
+    if not isinstance(value, list) or not all(type(v) is kind for v in value):
+        raise _Problem(f"GGUF metadata {key!r} is {_show(value)}, not an array of {kind.__name__}")
+    return value
+
+
+def _attention(metadata: dict) -> dict:
+    """Head counts and head size of a llama GGUF, checked to fit together."""
+    p = "llama.attention."
+    hidden = _int(metadata, "llama.embedding_length")
+    n_heads = _int(metadata, p + "head_count")
+    n_kv = _int(metadata, p + "head_count_kv", n_heads)
+    head_dim = _int(metadata, p + "key_length", hidden // n_heads)
+    if head_dim < 2 or head_dim % 2 or n_heads % n_kv:
+        raise _Problem(
+            f"GGUF attention does not fit together: {n_heads} heads, {n_kv} KV heads, head size {head_dim} "
+            "(need an even head size and heads a multiple of KV heads)"
+        )
+    if _int(metadata, p + "value_length", head_dim) != head_dim:
+        raise _Problem("GGUF key_length != value_length is not supported for llama")
+    if _int(metadata, "llama.rope.dimension_count", head_dim) != head_dim:
+        raise _Problem("GGUF partial rotary embedding (rope.dimension_count != head_dim) is not supported")
+    return {"hidden_size": hidden, "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim}
+
+
+def _rope(metadata: dict) -> dict:
+    """``rope_theta``, ``rope_parameters`` and (linear scaling) ``rope_scaling`` of a llama GGUF."""
+    theta = _float(metadata, "llama.rope.freq_base", 10000.0)
+    scaling = _str(metadata, "llama.rope.scaling.type", "none")
+    if scaling == "none":
+        return {"rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    if scaling != "linear":
+        raise _Problem(f"GGUF RoPE scaling {scaling!r} is not supported (only linear)")
+    factor = _float(metadata, "llama.rope.scaling.factor", 1.0)
+    return {
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "linear", "rope_theta": theta, "factor": factor},
+        "rope_scaling": {"type": "linear", "rope_type": "linear", "factor": factor},
+    }
 
 
 def _model_config(metadata: dict, tensors: dict) -> dict:
     """The mlx-lm / Hugging Face ``config.json`` of a llama GGUF."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+        raise _Problem(f"GGUF architecture {_show(arch)} is not supported (only 'llama')")
     p = "llama."
-    if _int(metadata, p + "expert_count", 0) > 0:
-        raise ValueError("GGUF llama mixture-of-experts models are not supported")
-    hidden = _int(metadata, p + "embedding_length")
-    n_heads = _int(metadata, p + "attention.head_count")
-    n_kv = _int(metadata, p + "attention.head_count_kv", n_heads)
-    head_dim = _int(metadata, p + "attention.key_length", hidden // n_heads)
-    if _int(metadata, p + "attention.value_length", head_dim) != head_dim:
-        raise ValueError("GGUF key_length != value_length is not supported for llama")
-    if _int(metadata, p + "rope.dimension_count", head_dim) != head_dim:
-        raise ValueError("GGUF partial rotary embedding (rope.dimension_count != head_dim) is not supported")
-    vocab = tensors["token_embd.weight"][1][0]
-    theta = _float(metadata, p + "rope.freq_base", 10000.0)
+    if _int(metadata, p + "expert_count", 0, minimum=0) > 0:
+        raise _Problem("GGUF llama mixture-of-experts models are not supported")
+    if "token_embd.weight" not in tensors:
+        raise _Problem("GGUF has no tensor 'token_embd.weight'")
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
+        **_attention(metadata),
         "num_hidden_layers": _int(metadata, p + "block_count"),
         "intermediate_size": _int(metadata, p + "feed_forward_length"),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
         "rms_norm_eps": _float(metadata, p + "attention.layer_norm_rms_epsilon", 1e-5),
-        "vocab_size": vocab,
+        "vocab_size": tensors["token_embd.weight"][1][0],
         "max_position_embeddings": _int(metadata, p + "context_length", 2048),
-        "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        **_rope(metadata),
         "rope_traditional": False,
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "hidden_act": "silu",
     }
-    scaling = metadata.get(p + "rope.scaling.type", "none")
-    if scaling == "linear":
-        factor = _float(metadata, p + "rope.scaling.factor", 1.0)
-        config["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
-        config["rope_parameters"] = {"rope_type": "linear", "rope_theta": theta, "factor": factor}
-    elif scaling != "none":
-        raise ValueError(f"GGUF RoPE scaling {scaling!r} is not supported (only linear)")
     for name in ("bos", "eos", "padding"):
         key = f"tokenizer.ggml.{name}_token_id"
         if key in metadata:
-            config[f"{'pad' if name == 'padding' else name}_token_id"] = int(metadata[key])
+            config[f"{'pad' if name == 'padding' else name}_token_id"] = _int(metadata, key, minimum=0)
     return config
+
+
+def _expected_shapes(config: dict, tensors: dict) -> dict[str, tuple[int, ...]]:
+    """The row-major shape of every tensor a llama GGUF with ``config`` holds."""
+    h, hd, ffn, vocab = config["hidden_size"], config["head_dim"], config["intermediate_size"], config["vocab_size"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    layer = {
+        "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q), "ffn_gate": (ffn, h),
+        "ffn_up": (ffn, h), "ffn_down": (h, ffn), "attn_norm": (h,), "ffn_norm": (h,),
+    }  # fmt: skip
+    biases = ["attn_q", "attn_k", "attn_v", "attn_output"] * config["attention_bias"]
+    biases += ["ffn_gate", "ffn_up", "ffn_down"] * config["mlp_bias"]
+    shapes = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,)}
+    if not config["tie_word_embeddings"]:
+        shapes["output.weight"] = (vocab, h)
+    if "rope_freqs.weight" in tensors:
+        shapes["rope_freqs.weight"] = (hd // 2,)
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"blk.{i}.{short}.weight": shape for short, shape in layer.items()})
+        shapes.update({f"blk.{i}.{short}.bias": layer[short][:1] for short in biases})
+    return shapes
+
+
+def _check_tensors(config: dict, tensors: dict) -> None:
+    """Every tensor a llama of ``config`` needs, no other, each of its shape and a supported type.
+
+    Run before ``mx.load``: what the (slow, C++) load gives back then fits the model.
+    """
+    n_layers = config["num_hidden_layers"]
+    if n_layers * len(LAYER_NAMES) > len(tensors):
+        raise _Problem(f"GGUF block_count is {n_layers}, but the file has only {len(tensors)} tensors")
+    want = _expected_shapes(config, tensors)
+    for name, (ttype, shape) in tensors.items():
+        if name not in want:
+            raise _Problem(f"GGUF tensor {name!r} has no llama counterpart (not supported)")
+        if shape != want[name]:
+            raise _Problem(f"GGUF tensor {name!r} has shape {shape}, the metadata needs {want[name]}")
+        if ttype not in QUANTIZED_BITS and ttype not in FLOAT_TYPES:
+            raise _Problem(
+                f"GGUF tensor {name!r} has type {ttype}, which is not supported (supported: {', '.join(SUPPORTED)})"
+            )
+    missing = sorted(set(want) - set(tensors))
+    if missing:
+        raise _Problem(f"GGUF has no tensor {missing[0]!r} ({len(missing)} missing)")
 
 
 def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict:
@@ -288,7 +548,7 @@ def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> di
                     "high_freq_factor": high,
                     "original_max_position_embeddings": original,
                 }
-    raise ValueError("GGUF rope_freqs tensor does not match Llama 3 RoPE scaling (not supported)")
+    raise _Problem("GGUF rope_freqs tensor does not match Llama 3 RoPE scaling (not supported)")
 
 
 def read_gguf(gguf_path, *, unpermute: bool = True) -> tuple[dict, dict]:
@@ -299,23 +559,45 @@ def read_gguf(gguf_path, *, unpermute: bool = True) -> tuple[dict, dict]:
     is quantized, per-module overrides where a tensor's bits differ from the
     most common). ``unpermute=False`` keeps llama.cpp's q/k row order, which
     needs ``rope_traditional=True`` (for comparisons only; do not train on it).
+    A malformed or unsupported file is a one-line ``ConvertError`` naming it.
     """
     metadata, tensors = read_gguf_header(gguf_path)
-    return _load_weights(gguf_path, metadata, tensors, unpermute)
+    with _naming(gguf_path):
+        return _load_weights(gguf_path, metadata, tensors, unpermute)
+
+
+def _quantized_parts(raw: dict, name: str, ttype: str, shape: tuple, module: str) -> tuple[dict, int]:
+    """``({module}.scales / .biases: array}, bits)`` of a quantized tensor as ``mx.load`` gave it."""
+    base = name.rsplit(".", 1)[0]
+    w, scales = raw[name], raw[f"{base}.scales"]
+    got = w.shape[-1] // scales.shape[-1] if scales.shape[-1] * GROUP_SIZE == shape[-1] else None
+    if got != QUANTIZED_BITS[ttype]:
+        raise _Problem(
+            f"GGUF tensor {name!r} ({ttype}, shape {shape}) loaded as weight {w.shape}, "
+            f"scales {scales.shape}: not {QUANTIZED_BITS[ttype]}-bit groups of {GROUP_SIZE}"
+        )
+    return {f"{module}.scales": scales, f"{module}.biases": raw[f"{base}.biases"]}, got
+
+
+def _quantization_config(bits: dict[str, int]) -> dict:
+    """``quantization`` / ``quantization_config``: the most common bits, overrides for the other modules."""
+    counts = {}
+    for b in bits.values():
+        counts[b] = counts.get(b, 0) + 1
+    default = max(counts, key=lambda b: (counts[b], -b))
+    quant = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
+    for module, b in sorted(bits.items()):
+        if b != default:
+            quant[module] = {"group_size": GROUP_SIZE, "bits": b, "mode": "affine"}
+    return {"quantization": quant, "quantization_config": quant}
 
 
 def _load_weights(gguf_path, metadata: dict, tensors: dict, unpermute: bool) -> tuple[dict, dict]:
+    """``(weights, config)`` of a GGUF whose header is ``(metadata, tensors)``, checked before ``mx.load``."""
     import mlx.core as mx
 
     config = _model_config(metadata, tensors)
-    for name, (ttype, _) in tensors.items():
-        if ttype not in QUANTIZED_BITS and ttype not in FLOAT_TYPES:
-            raise ValueError(
-                f"GGUF tensor {name!r} has type {ttype}, which is not supported "
-                f"(supported: {', '.join(SUPPORTED)})"
-            )
-        if name != "rope_freqs.weight":
-            _hf_name(name)  # unknown names fail before the (slow) load
+    _check_tensors(config, tensors)
     raw = mx.load(str(gguf_path))
 
     weights, bits = {}, {}
@@ -328,23 +610,14 @@ def _load_weights(gguf_path, metadata: dict, tensors: dict, unpermute: bool) -> 
     for name, (ttype, shape) in tensors.items():
         if name == "rope_freqs.weight":
             continue
-        base = name.rsplit(".", 1)[0]
         hf = _hf_name(name)
         module = hf.rsplit(".", 1)[0]
         parts = {hf: raw[name]}
         if ttype in QUANTIZED_BITS:
-            w, scales = raw[name], raw[f"{base}.scales"]
-            got = w.shape[-1] // scales.shape[-1] if scales.shape[-1] * GROUP_SIZE == shape[-1] else None
-            if got != QUANTIZED_BITS[ttype]:
-                raise ValueError(
-                    f"GGUF tensor {name!r} ({ttype}, shape {shape}) loaded as weight {w.shape}, "
-                    f"scales {scales.shape}: not {QUANTIZED_BITS[ttype]}-bit groups of {GROUP_SIZE}"
-                )
-            bits[module] = got
-            parts[f"{module}.scales"] = scales
-            parts[f"{module}.biases"] = raw[f"{base}.biases"]
+            extra, bits[module] = _quantized_parts(raw, name, ttype, shape, module)
+            parts.update(extra)
         elif ttype == "BF16" and not mx.all(mx.isfinite(raw[name])).item():
-            raise ValueError(f"GGUF tensor {name!r} (BF16) overflows float16 when loaded")
+            raise _Problem(f"GGUF tensor {name!r} (BF16) overflows float16 when loaded")
         kind = name.split(".")[2] if name.startswith("blk.") else None
         if unpermute and kind in n_heads:
             rows = mx.array(_unpermute_rows(n_heads[kind], shape[0]))
@@ -352,16 +625,7 @@ def _load_weights(gguf_path, metadata: dict, tensors: dict, unpermute: bool) -> 
         weights.update(parts)
 
     if bits:
-        counts = {}
-        for b in bits.values():
-            counts[b] = counts.get(b, 0) + 1
-        default = max(counts, key=lambda b: (counts[b], -b))
-        quant = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
-        for module, b in sorted(bits.items()):
-            if b != default:
-                quant[module] = {"group_size": GROUP_SIZE, "bits": b, "mode": "affine"}
-        config["quantization"] = quant
-        config["quantization_config"] = quant
+        config.update(_quantization_config(bits))
     floats = [v.dtype for k, v in weights.items() if not k.endswith(("norm.weight", ".biases"))]
     config["torch_dtype"] = "float32" if all(d == mx.float32 for d in floats if d != mx.uint32) else "float16"
     return weights, config
@@ -388,9 +652,82 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _token(metadata: dict, key: str) -> str | None:
-    token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+    """The text of the ``tokenizer.ggml.{key}_token_id`` token (``None``: no such id, or out of range)."""
+    token_id = _int(metadata, f"tokenizer.ggml.{key}_token_id", -1, minimum=0)
     tokens = metadata["tokenizer.ggml.tokens"]
-    return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
+    return tokens[token_id] if 0 <= token_id < len(tokens) else None
+
+
+def _tokenizer_metadata(metadata: dict) -> tuple[list[str], list[int], list[tuple[str, str]], str | None]:
+    """``(tokens, token types, merges, pre-tokenizer)`` of a byte-level BPE GGUF, each checked."""
+    kind = _str(metadata, "tokenizer.ggml.model")
+    if kind is None or "tokenizer.ggml.tokens" not in metadata:
+        raise _Problem("GGUF has no tokenizer (no tokenizer.ggml.model / tokens metadata)")
+    if kind != "gpt2":
+        raise _Problem(
+            f"GGUF tokenizer {_show(kind)} is not supported (only byte-level BPE 'gpt2'); "
+            "convert the model from its Hugging Face folder instead"
+        )
+    pre = _str(metadata, "tokenizer.ggml.pre")
+    if pre not in PRE_TOKENIZERS:
+        known = ", ".join(sorted(k for k in PRE_TOKENIZERS if k))
+        raise _Problem(f"GGUF pre-tokenizer {_show(pre)} is not supported (known: {known})")
+    tokens = _list(metadata, "tokenizer.ggml.tokens", str)
+    types = _list(metadata, "tokenizer.ggml.token_type", int) or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise _Problem(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    merges = [tuple(m.split(" ", 1)) for m in _list(metadata, "tokenizer.ggml.merges", str)]
+    if any(len(m) != 2 for m in merges):
+        raise _Problem("GGUF tokenizer.ggml.merges has an entry that is not two tokens separated by a space")
+    _str(metadata, "tokenizer.chat_template")  # written to tokenizer_config.json as it is
+    return tokens, types, merges, pre
+
+
+@contextmanager
+def _tokenizers_errors() -> Iterator[None]:
+    """The ``tokenizers`` library's errors about its input (bare exceptions) as a ``_Problem``."""
+    try:
+        yield
+    except Exception as e:
+        raise _Problem(f"GGUF tokenizer metadata is inconsistent: {first_line(e)}") from None
+
+
+def _post_processor(metadata: dict):
+    """``TemplateProcessing`` that adds BOS / EOS as the file (or its pre-tokenizer's default) asks."""
+    from tokenizers import processors
+
+    add_bos, add_eos = _add_bos_eos(metadata)
+    before, after, special = [], [], []
+    for add, key, side in ((add_bos, "bos", before), (add_eos, "eos", after)):
+        token = _token(metadata, key)
+        if add and token is not None:
+            side.append(token)
+            special.append((token, metadata[f"tokenizer.ggml.{key}_token_id"]))
+    single = [f"{t}:0" for t in before] + ["$A:0"] + [f"{t}:0" for t in after]
+    pair = single + [f"{t}:1" for t in before] + ["$B:1"] + [f"{t}:1" for t in after]
+    with _tokenizers_errors():
+        return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(special)))
+
+
+def _pre_tokenizer(split: str | None):
+    """The pre-tokenizer for a ``PRE_TOKENIZERS`` split: GPT-2's regex, digits first, or a regex."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if split is _GPT2:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split == _DIGITS:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def build_tokenizer(metadata: dict):
@@ -403,71 +740,28 @@ def build_tokenizer(metadata: dict):
     and so keeps runs of non-ASCII numerals such as ``½²`` together; llama.cpp
     and SmolLM2's own tokenizer split them).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind is None or "tokenizer.ggml.tokens" not in metadata:
-        raise ValueError("GGUF has no tokenizer (no tokenizer.ggml.model / tokens metadata)")
-    if kind != "gpt2":
-        raise ValueError(
-            f"GGUF tokenizer {kind!r} is not supported (only byte-level BPE 'gpt2'); "
-            "convert the model from its Hugging Face folder instead"
-        )
-    pre = metadata.get("tokenizer.ggml.pre")
-    if pre not in PRE_TOKENIZERS:
-        known = ", ".join(sorted(k for k in PRE_TOKENIZERS if k))
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {known})")
-    tokens = metadata["tokenizer.ggml.tokens"]
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens, types, merges, pre = _tokenizer_metadata(metadata)
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")), i)
-    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
 
     split, ignore_merges, _ = PRE_TOKENIZERS[pre]
-    try:
+    with _tokenizers_errors():
         tok = Tokenizer(
             models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
         )
-    except Exception as e:  # tokenizers raises a bare Exception
-        raise ValueError(f"GGUF tokenizer metadata is inconsistent: {e}") from None
-    if split is _GPT2:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif split == _DIGITS:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    tok.pre_tokenizer = _pre_tokenizer(split)
     tok.decoder = decoders.ByteLevel()
 
     control = [t for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     user = [t for t, ty in zip(tokens, types) if ty == 4 and t in vocab]
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-
-    add_bos, add_eos = _add_bos_eos(metadata)
-    before, after, special = [], [], []
-    for add, key, side in ((add_bos, "bos", before), (add_eos, "eos", after)):
-        token = _token(metadata, key)
-        if add and token is not None:
-            side.append(token)
-            special.append((token, int(metadata[f"tokenizer.ggml.{key}_token_id"])))
-    single = [f"{t}:0" for t in before] + ["$A:0"] + [f"{t}:0" for t in after]
-    pair = single + [f"{t}:1" for t in before] + ["$B:1"] + [f"{t}:1" for t in after]
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=list(dict.fromkeys(special))
-    )
+    tok.post_processor = _post_processor(metadata)
     return tok
 
 
@@ -481,6 +775,7 @@ def _add_bos_eos(metadata: dict) -> tuple[bool, bool]:
 
 
 def _write_tokenizer(tokenizer, metadata: dict, config: dict, folder: Path) -> None:
+    """``tokenizer.json``, ``tokenizer_config.json`` (chat template included) and the special token files."""
     tokenizer.save(str(folder / "tokenizer.json"))
     special = {
         name: _token(metadata, key)
@@ -516,19 +811,21 @@ def gguf_to_mlx(gguf_path, out_dir) -> Path:
 
     The folder is built beside ``out_dir`` and moved into place at the end,
     so a crash never leaves half a folder. ``out_dir`` must not exist, or be
-    an empty folder.
+    an empty folder. A malformed or unsupported GGUF is a one-line
+    ``ConvertError`` naming the file, raised before anything is written.
     """
     import mlx.core as mx
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        raise MissingFileError(f"GGUF file not found: {gguf_path}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"output folder exists and is not empty: {out_dir}")
     metadata, tensors = read_gguf_header(gguf_path)
-    _model_config(metadata, tensors)  # architecture first, then tokenizer, then tensors
-    tokenizer = build_tokenizer(metadata)
-    weights, config = _load_weights(gguf_path, metadata, tensors, unpermute=True)
+    with _naming(gguf_path):
+        _model_config(metadata, tensors)  # architecture first, then tokenizer, then tensors
+        tokenizer = build_tokenizer(metadata)
+        weights, config = _load_weights(gguf_path, metadata, tensors, unpermute=True)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

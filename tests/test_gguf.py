@@ -45,16 +45,22 @@ def write_gguf(
     path: Path, arch: str, tensors: dict, metadata: dict | None = None, tokenizer: dict | None = None
 ):
     """Write a GGUF: ``tensors`` maps names to ``(float array, type name)`` (row-major shapes),
-    or to ``((uint8 blocks, type name), "raw")`` for blocks written as they are."""
+    or to ``((uint8 blocks, type name), "raw")`` for blocks written as they are;
+    ``general.alignment`` in ``metadata`` also aligns the tensor data, a ``np.float64``
+    value is written as float64 (a Python float as float32)."""
     gguf = pytest.importorskip("gguf")
     from gguf.quants import quantize
 
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in (metadata or {}).items():
-        if isinstance(value, bool):
+        if key == "general.alignment":
+            writer.add_custom_alignment(value)
+        elif isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, int):
             writer.add_uint32(key, value)
+        elif isinstance(value, np.float64):
+            writer.add_float64(key, value)
         elif isinstance(value, float):
             writer.add_float32(key, value)
         else:
@@ -103,12 +109,26 @@ def as_stored(array: np.ndarray, ttype: str) -> np.ndarray:
     return dequantize(quantize(array.astype(np.float32), qtype), qtype).astype(np.float32)
 
 
-def tiny_llama(path: Path, types: dict, tied=False, seed=0, tokenizer=None, ffn=TINY["ffn"], extra=None):
+def k_quant_blocks(ttype: str, scale_offsets: list[int], seed: int = 0) -> np.ndarray:
+    """Random ``ttype`` (K-quant) blocks for a ``(hidden, 256)`` matrix, with sane float16
+    super-block scales at ``scale_offsets`` of each block (Q6_K: [208], Q2_K: [80, 82])."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ttype]]
+    blocks = np.random.default_rng(seed).integers(0, 256, (TINY["hidden"], 256 // block, size), dtype=np.uint8)
+    for offset in scale_offsets:
+        blocks[:, :, offset : offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    return blocks.reshape(TINY["hidden"], -1)
+
+
+def tiny_llama(
+    path: Path, types: dict, tied=False, seed=0, tokenizer=None, ffn=TINY["ffn"], extra=None, metadata=None
+):
     """A tiny random llama GGUF; returns ``(path, reference HF-layout float weights)``.
 
     ``types`` maps GGUF short names (``attn_q``, ``token_embd``, ...) to a type,
     or ``(layer, short)`` for one layer only; ``extra`` adds or replaces tensors
-    (``name: (array, type)``, see ``write_gguf``).
+    (``name: (array, type)``, see ``write_gguf``) and ``metadata`` metadata entries.
     """
     rng = np.random.default_rng(seed)
     h, hd = TINY["hidden"], TINY["hidden"] // TINY["heads"]
@@ -159,6 +179,7 @@ def tiny_llama(path: Path, types: dict, tied=False, seed=0, tokenizer=None, ffn=
         "llama.rope.freq_base": 10000.0,
         "llama.attention.layer_norm_rms_epsilon": 1e-5,
         "llama.rope.dimension_count": hd,
+        **(metadata or {}),
     }
     tensors.update(extra or {})
     write_gguf(path, "llama", tensors, metadata, tokenizer=tokenizer or {})
@@ -380,16 +401,12 @@ def test_k_quants_read_as_float16(tmp_path, ttype, scale_offsets):
     """Q6_K and Q2_K come out of ``mx.load`` dequantized (float16); check them
     against gguf-py's reference dequantization (Q4_K fails this, hence refused)."""
     pytest.importorskip("gguf")
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
     from mlx_lm.utils import load_model
 
     qtype = GGMLQuantizationType[ttype]
-    block, size = GGML_QUANT_SIZES[qtype]
-    blocks = np.random.default_rng(0).integers(0, 256, (TINY["hidden"], 256 // block, size), dtype=np.uint8)
-    for offset in scale_offsets:  # sane float16 super-block scales
-        blocks[:, :, offset : offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    blocks = blocks.reshape(TINY["hidden"], -1)
+    blocks = k_quant_blocks(ttype, scale_offsets)
     extra = {"blk.1.ffn_down.weight": ((blocks, ttype), "raw")}
     path, _ = tiny_llama(tmp_path / "k.gguf", {}, ffn=256, extra=extra)
     model, _ = load_model(conv.gguf_to_mlx(path, tmp_path / "out"))
