@@ -179,7 +179,8 @@ def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str
     Returns the spec every worker reads: data folders, the fused float32 HF model, and the
     token ids of each step's batch (prompt, chosen, rejected per pair) in our trainer's order.
     """
-    from tidpo_mlx.data import iterate_batches, load_dataset, read_jsonl, resolve_data_dir
+    from tidpo_mlx.batching import iterate_batches
+    from tidpo_mlx.data import load_dataset, read_jsonl, resolve_data_dir
     from tidpo_mlx.models import resolve_model
     from mlx_lm.utils import load_tokenizer
 

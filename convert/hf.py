@@ -80,6 +80,11 @@ def hf_to_mlx(hf_path_or_id, out_dir, *, quantize=False, bits=4, group_size=64, 
     src = Path(str(hf_path_or_id))
     if src.exists() and not (src / "config.json").is_file():
         raise MissingFileError(f"{src} has no config.json")
+    if src.is_dir():
+        from tidpo_mlx.models import corrected_folder
+
+        src = corrected_folder(src)  # mlx-lm's convert reads rope settings transformers 5 nests
+        hf_path_or_id = src
     if dtype is None and (src / "config.json").is_file():
         # transformers 5 writes "dtype"; mlx-lm only looks at "torch_dtype".
         cfg = json.loads((src / "config.json").read_text())

@@ -117,9 +117,9 @@ def test_bad_rows_name_file_and_line(tmp_path, tok, line, message):
 
 def test_missing_split_and_folder(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [PAIR])
-    with pytest.raises(DataError, match="missing valid.jsonl"):
+    with pytest.raises(DataError, match="too few distinct prompts"):
         load_dataset(str(tmp_path), tok, build_config({"model": "x"}))
-    with pytest.raises(DataError, match="no such data folder"):
+    with pytest.raises(DataError, match="no such data file or folder"):
         load_dataset(str(tmp_path / "nope"), tok, build_config({"model": "x"}))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no pairs"):

@@ -184,7 +184,7 @@ def test_batch_objective_matches_numpy(setup, preset, loss_type, weighting):
 def test_simpo_needs_no_reference(setup):
     _, fwd, base, tok, examples = setup
     model = fwd.model
-    cfg = build_config({"model": "x", "loss_type": "simpo"})
+    cfg = build_config({"model": "x", "loss_type": "simpo", "weighting": "none"})
     batch = collate(examples, 0)
     _, aux = batch_objective(fwd, cfg, *fwd.prepare(batch))
     pol, _ = _np_logps(model, batch)

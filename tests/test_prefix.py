@@ -70,7 +70,7 @@ CASES = [
     ({"preset": "paper", "loss_type": "ipo", "weighting": "softmax"}, False),
     ({"preset": "paper", "weighting": "prior"}, True),
     ({"preset": "paper", "weighting": "uniform", "loss_type": "tdpo1"}, False),
-    ({"preset": "paper", "loss_type": "simpo"}, False),
+    ({"preset": "paper", "loss_type": "simpo", "weighting": "none"}, False),
 ]
 
 

@@ -81,7 +81,7 @@ def test_resume_equals_uninterrupted_run(tiny_model, data_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cut, log=lambda s: None, progress=False, on_step=stop)
     assert (tmp_path / "cut" / "checkpoints" / "step-000002").is_dir()
-    train(cut, resume=True, log=lambda s: None, progress=False)
+    train(cut, resume="", log=lambda s: None, progress=False)
 
     a = mx.load(str(tmp_path / "full" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "cut" / "adapters.safetensors"))

@@ -7,7 +7,9 @@ print one line and exit 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
@@ -29,23 +31,48 @@ def main() -> None:
 
 @main.command()
 @click.option("-c", "--config", "recipe", default=None, help="Recipe YAML (path or bundled name). [default: quickstart]")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --adapter-path.")
+@click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[CHECKPOINT]",
+              help="Continue the run in --adapter-path from its newest checkpoint, or the one named (step-000040).")
+@click.option("--overwrite", is_flag=True,
+              help="Start anew in an --adapter-path that holds another run, moving that run to <path>.old-<time> first.")
+@click.option("--force", is_flag=True, help="With --resume: continue even where the settings differ from the checkpoint's.")
+@click.option("--verbose", is_flag=True, help="Print the resolved config (always written to <adapter-path>/config.yaml).")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--export-peft", default=None, help="Also write the adapters as a PEFT folder here at the end.")
 @config_options()
-def train(recipe: str | None, resume: bool, debug: bool, quiet: bool, export_peft: str | None, **overrides: Any) -> None:
-    """Train LoRA adapters with TI-DPO (or a baseline) on preference pairs."""
-    from tidpo_mlx.config import load_config
-    from tidpo_mlx.trainer import train as run_train
+def train(recipe: str | None, resume: str | None, overwrite: bool, force: bool, verbose: bool, debug: bool, quiet: bool,
+          export_peft: str | None, **overrides: Any) -> None:
+    """Train LoRA adapters with TI-DPO (or a baseline) on preference pairs.
+
+    A new run into an --adapter-path that holds another run stops (--resume
+    or --overwrite); with the default folder it goes to a fresh one
+    (adapters-2, ...). Ctrl-C or SIGTERM checkpoints the current step and
+    prints the command that resumes it.
+    """
+    from tidpo_mlx.config import Config, load_config
+    from tidpo_mlx.trainer import Interrupted, train as run_train
 
     def job() -> None:
         cfg = load_config(recipe, overrides)
         if export_peft and cfg.fine_tune_type != "lora":
             raise ConfigError("--export-peft needs fine_tune_type lora")
-        click.echo(f"recipe: {recipe or 'quickstart'}; resolved config:")
-        click.echo("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=200).strip().replace("\n", "\n  "))
-        result = run_train(cfg, resume=resume, log=click.echo, progress=not quiet)
+        if resume is not None and overwrite:
+            raise ConfigError("--resume continues the run in --adapter-path, --overwrite starts anew: give one")
+        if force and resume is None:
+            raise ConfigError("--force goes with --resume")
+        named = overrides.get("adapter_path") is not None or cfg.adapter_path != Config.adapter_path
+        existing = "move" if overwrite else "refuse" if named else "fresh"
+        click.echo(f"recipe: {recipe or 'quickstart'}")
+        if verbose:
+            click.echo("resolved config:")
+            click.echo("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=200).strip().replace("\n", "\n  "))
+        try:
+            result = run_train(cfg, resume=resume, log=click.echo, progress=not quiet, existing=existing, force=force)
+        except Interrupted as stop:
+            click.echo(f"{stop.summary}; continue with:", err=True)
+            click.echo(f"  {resume_command(recipe, overrides, stop.folder, stop.checkpoint.name)}", err=True)
+            sys.exit(stop.exit_code)
         click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapters in {result.adapter_path}")
         if result.before:
             for key in ("policy_preference_accuracy", "rewards/accuracies"):
@@ -63,6 +90,21 @@ def train(recipe: str | None, resume: bool, debug: bool, quiet: bool, export_pef
     run_guarded(debug, job)
 
 
+def resume_command(recipe: str | None, overrides: dict[str, Any], folder: Path, checkpoint: str) -> str:
+    """The ``tidpo-mlx train`` command line that continues this run from ``checkpoint`` in ``folder``."""
+    words = ["tidpo-mlx", "train"] + (["-c", recipe] if recipe else [])
+    for key, value in overrides.items():
+        if value is None or key == "adapter_path":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            words += [flag, str(value)]
+    words += ["--adapter-path", str(folder), "--resume", checkpoint]
+    return shlex.join(words)
+
+
 @main.command()
 def doctor() -> None:
     """Report backend, device, BLAS, measured GEMM speed and versions."""
@@ -76,6 +118,8 @@ main.add_command(eval_command, "eval")
 main.add_command(importance_command, "importance")
 main.add_command(experiment_command, "experiment")
 main.add_command(convert_group, "convert")
+from tidpo_mlx.data_check import data as data_group  # noqa: E402  (registered here, with its command)
+main.add_command(data_group, "data")
 
 
 if __name__ == "__main__":

@@ -25,15 +25,6 @@ from tidpo_mlx.losses import LOSSES
 
 LossType = Literal["dpo", "ipo", "tdpo1", "tdpo2", "simpo"]
 Weighting = Literal["none", "hybrid", "uniform", "random", "attribution", "prior", "softmax"]
-ALL_LINEAR = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -49,8 +40,21 @@ class LoRAParameters:
     scale: float = _doc("LoRA scale (output = W x + scale * B A x).", default=20.0)
     dropout: float = _doc("Dropout on the LoRA input (training passes only).", default=0.0)
     keys: tuple[str, ...] = _doc(
-        "Modules inside each block that get LoRA.", default=tuple(ALL_LINEAR)
+        "Modules inside each block that get LoRA (e.g. self_attn.q_proj); empty: every linear layer of the "
+        "block, fused ones included, as mlx-lm does (written out in adapter_config.json).",
+        default=(),
     )
+
+
+@dataclass(frozen=True)
+class HFDataset:
+    """A Hugging Face Hub dataset, in mlx-lm's ``hf_dataset`` keys (``validation`` is taken as valid)."""
+
+    path: str = _doc("Hub dataset id (org/name).", default="")
+    config: Optional[str] = _doc("Subset: the data files under a folder of this name.", default=None)
+    train_split: Optional[str] = _doc("Split used for training, e.g. train or train[:1000].", default=None)
+    valid_split: Optional[str] = _doc("Held-out split (default: valid/validation files, else made).", default=None)
+    test_split: Optional[str] = _doc("Test split.", default=None)
 
 
 @dataclass(frozen=True)
@@ -63,18 +67,32 @@ class Config:
         default="smollm2-135m-instruct",
     )
     data: str = _doc(
-        "Folder with train.jsonl/valid.jsonl[/test.jsonl], or a bundled dataset name.",
+        "A folder of train/valid/test files (.jsonl, .jsonl.gz, .json, .parquet, or a datasets.save_to_disk "
+        "folder), one such file (a held-out split is made), a bundled dataset name, or a Hub dataset id.",
         default="arith",
+    )
+    hf_dataset: Optional[HFDataset] = _doc(
+        "Hub dataset (mlx-lm's keys: path, config, train_split, valid_split, test_split); wins over data.",
+        default=None,
+    )
+    skip_invalid: bool = _doc(
+        "Train on the valid rows when some are invalid (dropped rows are logged and counted).", default=False
+    )
+    valid_fraction: float = _doc(
+        "Share of pairs held out (grouped by prompt, seeded) when the data has no valid split.", default=0.05
     )
     adapter_path: str = _doc("Where adapters, checkpoints and logs are written.", default="adapters")
     resume_adapter_file: Optional[str] = _doc(
         "Start from these adapter weights (an adapters.safetensors or its folder).", default=None
     )
-    chat_template: Literal["auto", "none"] = _doc(
-        "auto: the tokenizer's chat template; none: plain prompt + response text.", default="auto"
+    chat_template: str = _doc(
+        "auto: the tokenizer's chat template; none: plain prompt + response text; or a .jinja template file.",
+        default="auto",
     )
-    max_length: int = _doc("Max tokens of prompt + response (TRL's name).", default=256)
-    max_prompt_length: int = _doc("Max prompt tokens; cut from the left.", default=128)
+    max_length: int = _doc("Max tokens of prompt + response (TRL's name and default).", default=1024)
+    max_prompt_length: int = _doc(
+        "Max prompt tokens: earliest turns dropped first, then content cut from the left.", default=512
+    )
     seed: int = _doc("Seed for LoRA init, batch order, sampling and random weights.", default=0)
 
     # training
@@ -223,6 +241,8 @@ def _check_value(where: str, key: str, value: Any, annotation: Any) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
+    if hint is HFDataset:
+        return _hf_dataset_from(where, key, value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
@@ -251,6 +271,23 @@ def _check_value(where: str, key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{where}: '{key}' must be a list of strings, got {value!r}")
         return tuple(value)
     raise ConfigError(f"{where}: '{key}' has an unsupported type")
+
+
+def _hf_dataset_from(where: str, key: str, value: Any) -> HFDataset:
+    """``hf_dataset`` from a mapping of mlx-lm's keys, or a Hub id string (``--hf-dataset org/name``)."""
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must be a mapping (path, config, train_split, ...) or a Hub id")
+    fields = {f.name for f in dataclasses.fields(HFDataset)}
+    for name, val in value.items():
+        if name not in fields:
+            raise _unknown(where, f"{key}.{name}", [f"{key}.{f}" for f in fields])
+        if val is not None and not isinstance(val, str):
+            raise ConfigError(f"{where}: '{key}.{name}' must be a string, got {val!r}")
+    if not value.get("path"):
+        raise ConfigError(f"{where}: '{key}.path' (the Hub dataset id) is required")
+    return HFDataset(**value)
 
 
 def _unknown(where: str, key: str, known: typing.Iterable[str]) -> ConfigError:
@@ -282,6 +319,12 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'iters' and 'warmup_steps' must be >= 0")
     if cfg.max_prompt_length >= cfg.max_length:
         raise ConfigError(f"{where}: 'max_prompt_length' must be < 'max_length'")
+    if cfg.chat_template not in ("auto", "none"):
+        if not cfg.chat_template.endswith(".jinja") or not Path(cfg.chat_template).expanduser().is_file():
+            raise ConfigError(f"{where}: 'chat_template' must be auto, none or an existing .jinja file, "
+                              f"got {cfg.chat_template!r}")
+    if not 0.0 < cfg.valid_fraction < 1.0:
+        raise ConfigError(f"{where}: 'valid_fraction' must be in (0, 1)")
     if not 0.0 <= cfg.lam <= 1.0:
         raise ConfigError(f"{where}: 'lam' must be in [0, 1]")
     if cfg.sigma_div <= 0 or cfg.beta <= 0 or cfg.learning_rate <= 0:
@@ -292,6 +335,26 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'lora_parameters.rank' must be > 0")
     if not 0.0 <= cfg.lora_parameters.dropout < 1.0:
         raise ConfigError(f"{where}: 'lora_parameters.dropout' must be in [0, 1)")
+    for key in ("gamma", "triplet_margin", "alpha"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    if not 0.0 < cfg.anchor_top_p <= 1.0:
+        raise ConfigError(f"{where}: 'anchor_top_p' must be in (0, 1], got {cfg.anchor_top_p}")
+    if cfg.num_layers == 0 or cfg.num_layers < -1:
+        raise ConfigError(f"{where}: 'num_layers' must be >= 1, or -1 for every block, got {cfg.num_layers}")
+    if cfg.save_total_limit < 1:
+        raise ConfigError(f"{where}: 'save_total_limit' must be >= 1 (checkpoints kept), got {cfg.save_total_limit}")
+    spec = LOSSES[cfg.loss_type]
+    if not spec.token_weights and cfg.weighting != "none":
+        raise ConfigError(
+            f"{where}: 'weighting' must be none with loss_type {cfg.loss_type} (it takes no token weights), "
+            f"got {cfg.weighting!r}"
+        )
+    if not spec.label_smoothing and cfg.label_smoothing:
+        smoothed = ", ".join(k for k, s in LOSSES.items() if s.label_smoothing)
+        raise ConfigError(
+            f"{where}: 'label_smoothing' applies only to loss_type {smoothed}, not {cfg.loss_type} (set it to 0)"
+        )
 
 
 def build_config(

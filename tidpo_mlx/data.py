@@ -1,27 +1,64 @@
-"""Preference pairs: JSONL reading, chat templates, response masks (batches: ``batching.py``).
+"""Preference pairs: the formats TRL reads, chat templates, response masks (batches: ``batching.py``).
+
+Formats (TRL's dataset-format guide), detected per row:
+
+- standard: ``prompt``, ``chosen``, ``rejected`` strings (optional ``system``);
+- conversational: the same keys holding message lists (a completion may be
+  several messages, e.g. assistant + tool turns, where the template renders them);
+- implicit prompt: only ``chosen`` and ``rejected``, each the whole
+  conversation as a message list; the prompt is their longest common prefix
+  of whole messages (TRL's ``extract_prompt``). Anthropic HH transcripts
+  (strings starting with ``"\\n\\nHuman:"`` and containing ``"\\n\\nAssistant:"``)
+  are parsed into messages first, so the model's own template applies. Other
+  implicit-prompt strings are split at their longest common character prefix
+  only with ``chat_template: none``: that split (TRL's) moves a shared start of
+  both answers into the prompt.
+
+Other fields (``score_chosen``, ids, ...) are ignored.
 
 Tokenisation follows SPEC.md: the response tokens of a pair are the tokens of
-the templated conversation (prompt messages + the assistant response) after
-the tokens of the prompt templated with the generation prompt, i.e. the
-response text plus whatever the template closes it with. A templated prompt
-that is not a token prefix of the templated conversation is an error for that
-pair. Truncation cuts message content only (prompt from the left, response
-from the right), never a template token.
+the templated conversation (prompt messages + the completion) after the tokens
+of the prompt templated with the generation prompt, i.e. the response text plus
+whatever the template closes it with. A templated prompt that is not a token
+prefix of the templated conversation is an error for that pair. A prompt too
+long for ``max_prompt_length`` loses its earliest (user, assistant) turns first
+(a system message and the last user turn stay), then content from the left;
+responses are cut from the right to ``max_length``; truncation never removes a
+template token.
+
+Loading checks every row and reports every invalid one at once (count per
+reason, the first few ``file:line``); ``skip_invalid`` trains on the valid rows
+and records what it dropped.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from tidpo_mlx import data_cache
 from tidpo_mlx.config import Config
+from tidpo_mlx.data_cache import Encoded
 from tidpo_mlx.errors import DataError
+from tidpo_mlx.sources import Problem, Rows, Source, bundled_folder, position, read_jsonl, resolve_source
 
-
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+ROLES = ("system", "user", "assistant")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+MIN_VALID = 8
+"""Fewest held-out pairs a made split gets (when the train split has room for them)."""
+SHOWN = 3
+BATCH = 512
+"""Rows rendered and tokenised together (one batched fast-tokenizer call per chunk)."""
+PROGRESS_FROM = 2000
+"""Encoding more rows than this shows a progress bar (stderr)."""
+"""``file:line`` s shown per reason in an invalid-row report."""
 
 
 @dataclass
@@ -39,6 +76,8 @@ class Example:
     responses_truncated: int = 0
     texts: dict[str, str] = field(default_factory=dict)
     """The response texts before tokenisation, by key (``chosen``, ``rejected``, ``anchor``)."""
+    dropped_turns: int = 0
+    """Earliest prompt messages dropped to fit ``max_prompt_length``."""
 
     @property
     def overlap(self) -> int:
@@ -57,13 +96,45 @@ class Example:
 
 @dataclass
 class Dataset:
-    """The encoded splits of a data folder, with truncation counts."""
+    """The encoded splits of ``--data``, with truncation, dropped-turn and invalid-row counts."""
 
     train: list[Example]
     valid: list[Example]
     test: list[Example] = field(default_factory=list)
     truncated_prompts: int = 0
     truncated_responses: int = 0
+    dropped_turns: int = 0
+    """Prompt messages dropped (earliest turns) over all pairs."""
+    pairs_with_dropped_turns: int = 0
+    invalid: dict[str, int] = field(default_factory=dict)
+    """Invalid rows skipped (``skip_invalid``), by reason."""
+    notes: list[str] = field(default_factory=list)
+    """What loading decided for the user (made held-out split, merged system turns, ...): log these."""
+    source: str = ""
+
+    @property
+    def skipped(self) -> int:
+        """Invalid rows left out (only with ``skip_invalid``)."""
+        return sum(self.invalid.values())
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for ``summary.json`` and the log."""
+        return {
+            "source": self.source, "train_pairs": len(self.train), "valid_pairs": len(self.valid),
+            "test_pairs": len(self.test), "truncated_prompts": self.truncated_prompts,
+            "truncated_responses": self.truncated_responses, "dropped_turns": self.dropped_turns,
+            "pairs_with_dropped_turns": self.pairs_with_dropped_turns, "skipped_invalid": self.skipped,
+            "invalid_by_reason": dict(self.invalid),
+        }
+
+
+@dataclass
+class Pair:
+    """A row in one form: prompt messages and the completions (message lists) by key."""
+
+    where: str
+    prompt: Messages
+    completions: dict[str, Messages]
 
 
 def resolve_data_dir(data: str) -> Path:
@@ -71,136 +142,335 @@ def resolve_data_dir(data: str) -> Path:
     path = Path(data).expanduser()
     if path.is_dir():
         return path
-    bundled = Path(str(resources.files("tidpo_mlx.datasets") / data))
-    if not path.is_absolute() and "/" not in data and bundled.is_dir():
+    bundled = bundled_folder(data)
+    if bundled is not None and not path.is_absolute():
         return bundled
     raise DataError(f"{data}: no such data folder (and no bundled dataset of that name)")
 
 
-def read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Rows of a JSONL file, each with its ``file:line`` for error messages."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: each line must be a JSON object")
-            rows.append((where, row))
-    if not rows:
-        raise DataError(f"{path}: no pairs")
-    return rows
+def parse_hh(text: str) -> Messages | None:
+    """Messages of an Anthropic HH transcript (``\\n\\nHuman: ... \\n\\nAssistant: ...``), else None."""
+    if not text.startswith("\n\nHuman:") or "\n\nAssistant:" not in text:
+        return None
+    parts = HH_TURN.split(text)[1:]
+    return [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[::2], parts[1::2])]
 
 
-def _response_text(where: str, key: str, value: Any) -> str:
-    """The assistant text of a response given as a string or a message list."""
-    if isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-            raise DataError(f"{where}: '{key}' must be one assistant message")
-        value = value[0].get("content")
-    if not isinstance(value, str):
-        raise DataError(f"{where}: '{key}' must be a string or a list with one assistant message")
-    if not value.strip():
-        raise DataError(f"{where}: '{key}' is empty")
-    return value
+def _messages(where: str, key: str, value: Any) -> Messages:
+    """A message list, checked for ``role`` and ``content`` strings (extra message keys kept)."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{key}' must be a string or a non-empty list of messages")
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: '{key}' messages need 'role' and 'content' strings")
+    return [dict(m) for m in value]
 
 
-def _prompt_messages(where: str, row: dict[str, Any]) -> Messages:
-    """System (optional) + prompt, as chat messages."""
-    if "prompt" not in row:
-        raise DataError(f"{where}: missing field 'prompt'")
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise DataError(f"{where}: 'prompt' is empty")
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and prompt:
-        for m in prompt:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-                raise DataError(f"{where}: 'prompt' messages need 'role' and 'content' strings")
-        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-        if not any(m["content"].strip() for m in messages):
-            raise DataError(f"{where}: 'prompt' is empty")
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def parse_row(where: str, row: dict[str, Any], plain: bool) -> Pair:
+    """The prompt and completions of a row in any supported form (``plain``: ``chat_template: none``)."""
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: missing field '{key}'")
+    extra = {"anchor": row["anchor"]} if row.get("anchor") is not None else {}
+    if "prompt" in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise DataError(f"{where}: 'prompt' is empty")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = _messages(where, "prompt", prompt)
+            if not any(m["content"].strip() for m in messages):
+                raise DataError(f"{where}: 'prompt' is empty")
+        completions = {k: _completion(where, k, v) for k, v in
+                       {"chosen": row["chosen"], "rejected": row["rejected"], **extra}.items()}
     else:
-        raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
+        messages, completions = _implicit(where, row["chosen"], row["rejected"], plain)
     system = row.get("system")
     if system is not None:
         if not isinstance(system, str):
             raise DataError(f"{where}: 'system' must be a string")
         messages = [{"role": "system", "content": system}] + messages
-    return messages
+    for key, value in completions.items():
+        if not any(m["content"].strip() for m in value) and not any(m.get("tool_calls") for m in value):
+            raise DataError(f"{where}: '{key}' is empty")
+    if completions["chosen"] == completions["rejected"]:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+    return Pair(where, messages, completions)
 
 
-def _content_mask(text: str, offsets: Sequence[tuple[int, int]], contents: list[str], start: int) -> list[bool]:
-    """True for tokens lying wholly inside one of ``contents`` (searched in order from ``start``)."""
-    spans = []
+def _completion(where: str, key: str, value: Any) -> Messages:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, list):
+        return _messages(where, key, value)
+    raise DataError(f"{where}: '{key}' must be a string or a list of messages")
+
+
+def _implicit(where: str, chosen: Any, rejected: Any, plain: bool) -> tuple[Messages, dict[str, Messages]]:
+    """TRL's implicit prompt: the longest common prefix of whole messages (HH strings parsed first)."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        hh = parse_hh(chosen), parse_hh(rejected)
+        if hh[0] is not None and hh[1] is not None:
+            chosen, rejected = hh
+        elif plain:
+            n = _common_prefix(chosen, rejected)
+            if not chosen[:n].strip():
+                raise DataError(f"{where}: no 'prompt' and 'chosen'/'rejected' share no text to take as the prompt")
+            return ([{"role": "user", "content": chosen[:n]}],
+                    {"chosen": [{"role": "assistant", "content": chosen[n:]}],
+                     "rejected": [{"role": "assistant", "content": rejected[n:]}]})
+        else:
+            raise DataError(
+                f"{where}: missing field 'prompt' (implicit-prompt strings that are not HH transcripts are split "
+                "at their longest common prefix only with chat_template: none, and that split moves a shared "
+                "start of both answers into the prompt; give a 'prompt' field or message lists instead)")
+    chosen, rejected = _messages(where, "chosen", chosen), _messages(where, "rejected", rejected)
+    n = _common_prefix(chosen, rejected)
+    if n == 0:
+        raise DataError(f"{where}: no 'prompt' and 'chosen'/'rejected' share no leading messages to take as the prompt")
+    if n == len(chosen) and n == len(rejected):
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+    return chosen[:n], {"chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _content_spans(text: str, contents: Sequence[str], start: int) -> list[tuple[int, int] | None]:
+    """Where each of ``contents`` lies in ``text`` (searched in order from ``start``; None if absent)."""
+    spans: list[tuple[int, int] | None] = []
     cursor = start
     for content in contents:
         pos = text.find(content, cursor) if content else -1
+        spans.append((pos, pos + len(content)) if pos >= 0 else None)
         if pos >= 0:
-            spans.append((pos, pos + len(content)))
             cursor = pos + len(content)
-    return [any(s <= a and b <= e and a < b for s, e in spans) for a, b in offsets]
+    return spans
+
+
+def _mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int] | None]) -> list[bool]:
+    """True for tokens lying wholly inside one of ``spans``.
+
+    The spans of :func:`_content_spans` are in order and do not overlap, so
+    the only one that can hold a token is the last starting at or before it.
+    """
+    real = [s for s in spans if s is not None]
+    starts = [s for s, _ in real]
+    out = []
+    for a, b in offsets:
+        i = bisect.bisect_right(starts, a) - 1
+        out.append(a < b and i >= 0 and b <= real[i][1])
+    return out
+
+
+def _probe(render: Any, messages: Messages, marker: str) -> bool:
+    """Whether the template renders ``messages`` and shows ``marker`` (a probe of what it supports)."""
+    try:
+        return marker in render(messages, False)
+    except Exception:  # a template refusing a role raises whatever its author chose
+        return False
 
 
 class PairEncoder:
-    """Turns rows into :class:`Example` s with the tokenizer's chat template."""
+    """Turns rows into :class:`Example` s with the tokenizer's (or a custom) chat template."""
 
     def __init__(self, tokenizer: Any, cfg: Config):
         self.tokenizer = tokenizer
         self.hf = getattr(tokenizer, "_tokenizer", tokenizer)
         self.cfg = cfg
-        self.use_template = cfg.chat_template == "auto"
-        if self.use_template and not getattr(self.hf, "chat_template", None):
+        self.use_template = cfg.chat_template != "none"
+        self.template: str | None = None
+        self.notes: list[str] = []
+        self.roles = ROLES + ("tool",)
+        self.system_ok = True
+        if cfg.chat_template not in ("auto", "none"):
+            path = Path(cfg.chat_template).expanduser()
+            try:
+                self.template = path.read_text(encoding="utf-8-sig")
+            except (OSError, UnicodeDecodeError) as err:
+                raise DataError(f"chat_template: cannot read {path} ({err})") from None
+        elif self.use_template and not getattr(self.hf, "chat_template", None):
             raise DataError(
-                "the tokenizer has no chat template: set 'chat_template: none' for a base model"
+                "the tokenizer has no chat template: set 'chat_template: none' for a base model, "
+                "or 'chat_template: path/to/template.jinja'"
             )
-        eos = tokenizer.eos_token_id
-        self.eos = eos if eos is not None else None
+        if self.use_template:
+            user = {"role": "user", "content": "probe-user"}
+            if not _probe(self._render, [user, {"role": "assistant", "content": "a"},
+                                         {"role": "tool", "content": "probe-tool-7f3a"}], "probe-tool-7f3a"):
+                self.roles = ROLES
+            self.system_ok = _probe(self._render, [{"role": "system", "content": "probe-system-91c"}, user],
+                                    "probe-system-91c")
+            if not self.system_ok:
+                self.notes.append("the chat template refuses a system role: system text is merged into the "
+                                  "first user turn (separated by a blank line)")
+        self.eos = tokenizer.eos_token_id
+        self.rendered: dict[tuple[bool, str], str] = {}
+        """Templated texts of the chunk being encoded, by (generation prompt, messages)."""
+        self.tokenized: dict[tuple[str, bool], tuple[list[int], list[tuple[int, int]]]] = {}
+        """Token ids and offsets of the chunk's texts (one batched tokenizer call fills it)."""
 
     def _tokens(self, text: str, special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        hit = self.tokenized.get((text, special))
+        if hit is not None:
+            return list(hit[0]), hit[1]
         enc = self.hf(text, add_special_tokens=special, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     def _render(self, messages: Messages, generation_prompt: bool) -> str:
-        return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        key = (generation_prompt, repr(messages))
+        hit = self.rendered.get(key)
+        if hit is None:
+            kwargs = {"chat_template": self.template} if self.template is not None else {}
+            hit = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                              **kwargs)
+            self.rendered[key] = hit
+        return hit
 
-    def encode_prompt(self, where: str, messages: Messages) -> tuple[list[int], bool]:
-        """Prompt tokens, cut from the left (content only) to max_prompt_length."""
+    def _render_all(self, pairs: Sequence[Pair]) -> None:
+        """Fill ``rendered`` with each pair's prompt and conversations, one batched template call per kind.
+
+        A batch the template refuses is left to the per-text renders (which name the pair).
+        """
+        kwargs = {"chat_template": self.template} if self.template is not None else {}
+        todo: dict[bool, dict[str, Messages]] = {True: {}, False: {}}
+        for pair in pairs:
+            try:
+                messages = self.prepare(pair.where, pair.prompt)
+            except DataError:
+                continue
+            todo[True].setdefault(repr(messages), messages)
+            for completion in pair.completions.values():
+                todo[False].setdefault(repr(messages + completion), messages + completion)
+        for generation_prompt, conversations in todo.items():
+            keys = [k for k in conversations if (generation_prompt, k) not in self.rendered]
+            if not keys:
+                continue
+            try:
+                texts = self.hf.apply_chat_template([conversations[k] for k in keys], tokenize=False,
+                                                    add_generation_prompt=generation_prompt, **kwargs)
+            except Exception:  # a conversation the template refuses: _render meets it alone
+                continue
+            self.rendered.update({(generation_prompt, k): t for k, t in zip(keys, texts)})
+
+    def prefetch(self, pairs: Sequence[Pair]) -> None:
+        """Render the texts the pairs' encoding tokenises and tokenise them all in one batched call per kind.
+
+        :meth:`encode_pair` then finds them in ``tokenized`` (same ids as one call
+        per text); a pair whose prompt is cut re-tokenises what it changes, and a
+        pair that fails here fails the same way, with its message, in ``encode_pair``.
+        """
+        texts: dict[bool, list[str]] = {False: [], True: []}
         if self.use_template:
-            text = self._render(messages, True)
+            self._render_all(pairs)
+        for pair in pairs:
+            try:
+                messages = self.prepare(pair.where, pair.prompt)
+                if self.use_template:
+                    texts[False].append(self._render(messages, True))
+                    texts[False] += [self._render(messages + c, False) for c in pair.completions.values()]
+                else:
+                    texts[True].append("\n\n".join(m["content"] for m in messages))
+                    texts[False] += ["\n\n".join(m["content"] for m in c) for c in pair.completions.values()]
+            except Exception:  # encode_pair meets and reports the same failure
+                continue
+        for special, batch in texts.items():
+            todo = [t for t in dict.fromkeys(batch) if (t, special) not in self.tokenized]
+            if todo:
+                enc = self.hf(todo, add_special_tokens=special, return_offsets_mapping=True)
+                for text, ids, offsets in zip(todo, enc["input_ids"], enc["offset_mapping"]):
+                    self.tokenized[(text, special)] = (list(ids), [tuple(o) for o in offsets])
+
+    def _rendered(self, where: str, messages: Messages, generation_prompt: bool) -> str:
+        try:
+            return self._render(messages, generation_prompt)
+        except Exception as err:  # jinja's TemplateError, or raise_exception() of the template
+            raise DataError(f"{where}: the chat template refused these messages ({err})") from None
+
+    def check_roles(self, where: str, messages: Messages) -> None:
+        """Every role is one the template renders (system/user/assistant, and tool where a probe shows it)."""
+        for m in messages:
+            if m["role"] not in self.roles:
+                raise DataError(f"{where}: unknown role '{m['role']}' (allowed: {', '.join(self.roles)})")
+
+    def prepare(self, where: str, messages: Messages) -> Messages:
+        """Check roles; merge a system message into the first user turn where the template refuses one."""
+        self.check_roles(where, messages)
+        if not self.system_ok and messages and messages[0]["role"] == "system":
+            system, rest = messages[0], messages[1:]
+            if rest and rest[0]["role"] == "user":
+                merged = dict(rest[0], content=f"{system['content']}\n\n{rest[0]['content']}")
+                return [merged] + rest[1:]
+            return [dict(system, role="user")] + rest
+        return messages
+
+    def _prompt_tokens(self, where: str, messages: Messages) -> tuple[list[int], list[bool]]:
+        """Tokens of the templated prompt (generation prompt on) and which may be cut (non-system content)."""
+        if self.use_template:
+            text = self._rendered(where, messages, True)
             ids, offsets = self._tokens(text)
-            content = _content_mask(text, offsets, [m["content"] for m in messages], 0)
+            spans = _content_spans(text, [m["content"] for m in messages], 0)
         else:
             text = "\n\n".join(m["content"] for m in messages)
             ids, offsets = self._tokens(text, special=True)
-            content = _content_mask(text, offsets, [text], 0)
-        excess = len(ids) - self.cfg.max_prompt_length
+            spans = _content_spans(text, [m["content"] for m in messages], 0)
+        cuttable = [s for s, m in zip(spans, messages) if m["role"] != "system"]
+        return ids, _mask(offsets, cuttable)
+
+    def fit_prompt(self, where: str, messages: Messages) -> tuple[Messages, list[int], int, bool]:
+        """Prompt messages kept, their tokens, earliest messages dropped, and whether content was cut.
+
+        Drops the earliest (user, assistant, ...) turns while the templated
+        prompt exceeds ``max_prompt_length`` (a system message stays, the first
+        kept turn is a user turn, the last user turn stays), then cuts content
+        from the left.
+        """
+        limit = self.cfg.max_prompt_length
+        dropped = 0
+        ids, cuttable = self._prompt_tokens(where, messages)
+        while len(ids) > limit:
+            start = 1 if messages[0]["role"] == "system" else 0
+            nxt = next((i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"), None)
+            if nxt is None:
+                break
+            dropped += nxt - start
+            messages = messages[:start] + messages[nxt:]
+            ids, cuttable = self._prompt_tokens(where, messages)
+        excess = len(ids) - limit
         if excess <= 0:
-            return ids, False
-        cut = [i for i, c in enumerate(content) if c][:excess]
+            return messages, ids, dropped, False
+        cut = [i for i, c in enumerate(cuttable) if c][:excess]
         if len(cut) < excess:
             raise DataError(
-                f"{where}: the prompt's template tokens alone exceed max_prompt_length "
-                f"({self.cfg.max_prompt_length})"
+                f"{where}: the prompt's template tokens alone exceed max_prompt_length ({limit}), even with "
+                "only the last user turn left (a system message is kept whole)"
             )
         drop = set(cut)
-        return [t for i, t in enumerate(ids) if i not in drop], True
+        return messages, [t for i, t in enumerate(ids) if i not in drop], dropped, True
+
+    def encode_prompt(self, where: str, messages: Messages) -> tuple[list[int], bool]:
+        """Prompt tokens fitted to max_prompt_length (see :meth:`fit_prompt`) and whether they were cut."""
+        _, ids, dropped, cut = self.fit_prompt(where, self.prepare(where, messages))
+        return ids, cut or dropped > 0
 
     def encode_response(
-        self, where: str, key: str, messages: Messages, prompt: list[int], text: str
+        self, where: str, key: str, messages: Messages, prompt: list[int], text: str | Messages
     ) -> tuple[list[int], bool]:
-        """Response tokens (text + template closing), cut from the right to fit max_length."""
+        """Response tokens (completion + template closing), cut from the right to fit max_length.
+
+        ``text`` is one assistant message's content or a completion of several messages.
+        """
+        completion = [{"role": "assistant", "content": text}] if isinstance(text, str) else text
+        contents = [m["content"] for m in completion]
         if self.use_template:
-            prompt_text = self._render(messages, True)
-            full_text = self._render(messages + [{"role": "assistant", "content": text}], False)
+            prompt_text = self._rendered(where, messages, True)
+            full_text = self._rendered(where, messages + completion, False)
             full, offsets = self._tokens(full_text)
             head, _ = self._tokens(prompt_text)
             if full[: len(head)] != head:
@@ -208,10 +478,14 @@ class PairEncoder:
                     f"{where}: the templated prompt is not a token prefix of the templated "
                     f"conversation with '{key}'"
                 )
+            spans = _content_spans(full_text, contents, len(prompt_text))
+            missing = [m["role"] for m, s in zip(completion, spans) if s is None and m["content"]]
+            if missing:
+                raise DataError(f"{where}: the chat template does not render the '{missing[0]}' message of '{key}'")
             ids = full[len(head):]
-            content = _content_mask(full_text, offsets, [text], len(prompt_text))[len(head):]
+            content = _mask(offsets, spans)[len(head):]
         else:
-            ids, offsets = self._tokens(text)
+            ids, offsets = self._tokens("\n\n".join(contents))
             content = [a < b for a, b in offsets]
             if self.eos is not None:
                 ids, content = ids + [self.eos], content + [False]
@@ -228,23 +502,19 @@ class PairEncoder:
         drop = set(cut)
         return [t for i, t in enumerate(ids) if i not in drop], True
 
-    def encode_row(self, index: int, where: str, row: dict[str, Any]) -> Example:
-        """Validate and tokenise one JSON row."""
-        messages = _prompt_messages(where, row)
-        texts = {}
-        for key in ("chosen", "rejected"):
-            if key not in row:
-                raise DataError(f"{where}: missing field '{key}'")
-            texts[key] = _response_text(where, key, row[key])
-        if texts["chosen"] == texts["rejected"]:
-            raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
-        if row.get("anchor") is not None:
-            texts["anchor"] = _response_text(where, "anchor", row["anchor"])
-        prompt, prompt_cut = self.encode_prompt(where, messages)
+    def encode_pair(self, index: int, pair: Pair) -> Example:
+        """Tokenise one parsed pair."""
+        where = pair.where
+        for key, completion in pair.completions.items():
+            self.check_roles(where, completion)
+            if completion[0]["role"] != "assistant" or any(m["role"] not in ("assistant", "tool") for m in completion):
+                raise DataError(f"{where}: '{key}' must start with an assistant message and hold only "
+                                "assistant and tool messages")
+        messages, prompt, dropped, prompt_cut = self.fit_prompt(where, self.prepare(where, pair.prompt))
         encoded = {}
         cuts = 0
-        for key, text in texts.items():
-            encoded[key], cut = self.encode_response(where, key, messages, prompt, text)
+        for key, completion in pair.completions.items():
+            encoded[key], cut = self.encode_response(where, key, messages, prompt, completion)
             cuts += cut
         return Example(
             index=index,
@@ -256,30 +526,169 @@ class PairEncoder:
             anchor=encoded.get("anchor"),
             prompt_truncated=prompt_cut,
             responses_truncated=cuts,
-            texts=texts,
+            texts={k: "\n\n".join(m["content"] for m in v) for k, v in pair.completions.items()},
+            dropped_turns=dropped,
         )
 
+    def encode_row(self, index: int, where: str, row: dict[str, Any]) -> Example:
+        """Validate and tokenise one JSON row (any supported form)."""
+        return self.encode_pair(index, parse_row(where, row, not self.use_template))
+
+    def encode_rows(self, rows: Rows) -> tuple[list[Example], list[Problem]]:
+        """Encode every readable row; the invalid ones come back as problems (none raised)."""
+        examples, problems = [], list(rows.problems)
+        bar = _progress(len(rows.rows))
+        for start in range(0, len(rows.rows), BATCH):
+            parsed: list[tuple[str, Pair | DataError]] = []
+            for where, row in rows.rows[start:start + BATCH]:
+                try:
+                    parsed.append((where, parse_row(where, row, not self.use_template)))
+                except DataError as err:
+                    parsed.append((where, err))
+            self.prefetch([p for _, p in parsed if isinstance(p, Pair)])
+            for where, item in parsed:
+                try:
+                    if isinstance(item, DataError):
+                        raise item
+                    examples.append(self.encode_pair(len(examples), item))
+                except DataError as err:
+                    message = str(err)
+                    prefix = f"{where}: "
+                    problems.append(Problem(where, message[len(prefix):] if message.startswith(prefix) else message))
+            self.rendered.clear()
+            self.tokenized.clear()
+            if bar is not None:
+                bar.update(len(parsed))
+        if bar is not None:
+            bar.close()
+        return examples, sorted(problems, key=lambda p: position(p.where))
+
     def encode_file(self, path: Path) -> list[Example]:
-        """All pairs of a JSONL file, in file order."""
+        """All pairs of a JSONL file, in file order (the first invalid row raises)."""
         return [self.encode_row(i, where, row) for i, (where, row) in enumerate(read_jsonl(path))]
 
 
-def load_dataset(data: str, tokenizer: Any, cfg: Config) -> Dataset:
-    """Encode ``train.jsonl``, ``valid.jsonl`` and optional ``test.jsonl`` of a folder."""
-    folder = resolve_data_dir(data)
-    encoder = PairEncoder(tokenizer, cfg)
-    splits = {}
-    for split in ("train", "valid", "test"):
-        path = folder / f"{split}.jsonl"
-        if not path.exists():
-            if split == "test":
-                splits[split] = []
-                continue
-            raise DataError(f"{folder}: missing {split}.jsonl")
-        splits[split] = encoder.encode_file(path)
-    every = splits["train"] + splits["valid"] + splits["test"]
+def _progress(total: int) -> Any:
+    """A tqdm bar on stderr for encoding more than :data:`PROGRESS_FROM` rows, else None."""
+    if total <= PROGRESS_FROM:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="encode", unit="pair", dynamic_ncols=True, leave=False)
+
+
+def invalid_report(problems: Sequence[Problem], total: int, option: bool = True) -> str:
+    """One line: the first problem, then the count per reason with the first few places, then the way out."""
+    reasons = Counter(p.reason for p in problems)
+    parts = []
+    for reason, count in reasons.most_common():
+        places = [p.where for p in problems if p.reason == reason][:SHOWN]
+        more = ", ..." if count > SHOWN else ""
+        parts.append(f"{count} x {reason} ({', '.join(places)}{more})")
+    first = problems[0]
+    text = f"{first.where}: {first.reason}; {len(problems)} invalid of {total} rows: " + "; ".join(parts)
+    if option:
+        text += (f"; set 'skip_invalid: true' (--skip-invalid) to train on the {total - len(problems)} valid rows "
+                 "(what is dropped is logged and counted)")
+    return text
+
+
+def held_out_split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded held-out split grouped by prompt (no prompt in both): ``(train, valid)``.
+
+    The valid split gets whole prompt groups, in a seeded order, until it holds
+    ``max(MIN_VALID, fraction * n)`` pairs; the train split keeps at least one group.
+    """
+    groups: dict[str, list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(json.dumps(ex.messages, sort_keys=True), []).append(ex)
+    if len(groups) < 2:
+        raise DataError(f"{examples[0].source if examples else 'data'}: too few distinct prompts "
+                        f"({len(groups)}) to make a held-out split: give a valid file")
+    order = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
+    target = max(MIN_VALID, round(fraction * len(examples)))
+    valid_keys: set[str] = set()
+    count = 0
+    for key in order[:-1]:
+        if count >= target:
+            break
+        valid_keys.add(key)
+        count += len(groups[key])
+    train = [ex for ex in examples if json.dumps(ex.messages, sort_keys=True) not in valid_keys]
+    valid = [ex for ex in examples if json.dumps(ex.messages, sort_keys=True) in valid_keys]
+    return train, valid
+
+
+def _reindexed(examples: list[Example]) -> list[Example]:
+    for i, ex in enumerate(examples):
+        ex.index = i
+    return examples
+
+
+def hf_dataset_keys(cfg: Config) -> dict[str, Any] | None:
+    """``hf_dataset`` as the plain mapping ``sources.resolve_source`` takes."""
+    return cfg.to_dict().get("hf_dataset")
+
+
+def encode_splits(encoder: PairEncoder, splits: dict[str, Rows], cfg: Config) -> tuple[dict[str, list[Example]], Counter, list[str]]:
+    """Encode every split; invalid rows raise one report, or with ``skip_invalid`` are dropped and counted.
+
+    Returns the examples by split, the dropped rows by reason and the notes to log.
+    """
+    encoded: dict[str, list[Example]] = {}
+    problems: list[Problem] = []
+    total = 0
+    for split, rows in splits.items():
+        encoded[split], bad = encoder.encode_rows(rows)
+        problems += bad
+        total += len(rows.rows) + len(rows.problems)
+    notes = list(encoder.notes)
+    if problems:
+        if not cfg.skip_invalid:
+            raise DataError(invalid_report(problems, total))
+        notes.append("skip_invalid: left out " + invalid_report(problems, total, option=False))
+    return encoded, Counter(p.reason for p in problems), notes
+
+
+def encode_source(source: Source, tokenizer: Any, cfg: Config) -> Encoded:
+    """Encode every split of a found source (no held-out split made yet)."""
+    splits, invalid, notes = encode_splits(PairEncoder(tokenizer, cfg), source.splits, cfg)
+    return Encoded(splits, invalid, notes, source.name, source.kind)
+
+
+def assemble(encoded: Encoded, cfg: Config) -> Dataset:
+    """The Dataset of encoded splits; makes a held-out split when there is none."""
+    splits, notes = dict(encoded.splits), list(encoded.notes)
+    if not splits.get("train"):
+        raise DataError(f"{encoded.name}: no valid training pairs")
+    if "valid" not in splits:
+        n = len(splits["train"])
+        splits["train"], splits["valid"] = held_out_split(splits["train"], cfg.valid_fraction, cfg.seed)
+        notes.append(f"no valid split: held out {len(splits['valid'])} of {n} pairs, grouped by prompt "
+                     f"(valid_fraction {cfg.valid_fraction}, seed {cfg.seed})")
+    every = [ex for split in splits.values() for ex in split]
     return Dataset(
-        **splits,
+        train=_reindexed(splits["train"]),
+        valid=_reindexed(splits["valid"]),
+        test=_reindexed(splits.get("test", [])),
         truncated_prompts=sum(e.prompt_truncated for e in every),
         truncated_responses=sum(e.responses_truncated for e in every),
+        dropped_turns=sum(e.dropped_turns for e in every),
+        pairs_with_dropped_turns=sum(e.dropped_turns > 0 for e in every),
+        invalid=dict(encoded.invalid),
+        notes=notes,
+        source=f"{encoded.name} ({encoded.kind})",
     )
+
+
+def load_dataset(data: str, tokenizer: Any, cfg: Config) -> Dataset:
+    """Find ``data`` (folder, file, save_to_disk folder, bundled name, Hub id) and encode it (tokenizer only).
+
+    The encoding is cached by the data's content, the tokenizer and the
+    encoding settings (``data_cache.py``); a second load reads the cache.
+    """
+    hf = hf_dataset_keys(cfg)
+    key = data_cache.cache_key(data, tokenizer, cfg, hf)
+    return assemble(data_cache.cached(key, lambda: encode_source(resolve_source(data, hf), tokenizer, cfg), Example),
+                    cfg)
+

@@ -25,48 +25,54 @@ import numpy as np
 from tidpo_mlx.anchors import sample_anchors
 from tidpo_mlx.batching import collate, eval_batches
 from tidpo_mlx.config import Config
-from tidpo_mlx.data import Example, PairEncoder, read_jsonl, resolve_data_dir
-from tidpo_mlx.errors import DataError
+from tidpo_mlx.data import Example, PairEncoder, encode_splits, held_out_split, hf_dataset_keys
 from tidpo_mlx.forward import Forward
 from tidpo_mlx.metrics import held_out_metrics
 from tidpo_mlx.models import eval_mode, reference_mode
 from tidpo_mlx.objective import PER_PAIR_KEYS, batch_logprobs, batch_objective
 from tidpo_mlx.seeds import EVAL_BATCH, derive_seed
+from tidpo_mlx.sources import read_file, resolve_source
 
 
 @dataclass
 class Pairs:
-    """The rows of a JSONL file and their encoded examples (same order)."""
+    """The rows of ``--data`` to evaluate and their encoded examples (same order)."""
 
-    path: Path
+    path: str
+    """What was read: a file, or a source and its split."""
     rows: list[dict[str, Any]]
     examples: list[Example]
     encoder: PairEncoder
-
-
-def resolve_data_file(data: str) -> Path:
-    """A JSONL file, or a data folder / bundled dataset name (its ``valid.jsonl``)."""
-    path = Path(data).expanduser()
-    if path.is_file():
-        return path
-    if path.suffix == ".jsonl":
-        raise DataError(f"{data}: no such file")
-    folder = resolve_data_dir(data)
-    valid = folder / "valid.jsonl"
-    if not valid.exists():
-        raise DataError(f"{folder}: no valid.jsonl (pass a .jsonl file with --data)")
-    return valid
+    notes: list[str]
 
 
 def load_pairs(data: str, tokenizer: Any, cfg: Config, limit: int | None = None) -> Pairs:
-    """Read and encode the pairs of ``data`` (first ``limit`` pairs if given)."""
-    path = resolve_data_file(data)
-    read = read_jsonl(path)
-    if limit is not None and limit >= 0:
-        read = read[:limit]
+    """Encode the pairs of ``data`` (first ``limit`` if given), with training's loader.
+
+    A file: all its rows. A folder, bundled name, save_to_disk folder or Hub
+    id: its valid split, or the held-out split training makes when it has
+    none (same ``valid_fraction`` and ``seed``). Invalid rows are reported as
+    in training (``skip_invalid`` drops them).
+    """
+    path = Path(data).expanduser()
+    if path.is_file():
+        name, splits = str(path), {"valid": read_file(path, "valid")}
+    else:
+        source = resolve_source(data, hf_dataset_keys(cfg))
+        split = "valid" if "valid" in source.splits else "train"
+        name, splits = f"{source.name} ({split} split)", {split: source.splits[split]}
     encoder = PairEncoder(tokenizer, cfg)
-    examples = [encoder.encode_row(i, where, row) for i, (where, row) in enumerate(read)]
-    return Pairs(path, [row for _, row in read], examples, encoder)
+    encoded, _, notes = encode_splits(encoder, splits, cfg)
+    examples = encoded.get("valid")
+    if examples is None:
+        examples = held_out_split(encoded["train"], cfg.valid_fraction, cfg.seed)[1]
+        name = name.replace("(train split)", "(held-out split made from train)")
+    if limit is not None and limit >= 0:
+        examples = examples[:limit]
+    by_where = {where: row for rows in splits.values() for where, row in rows.rows}
+    for i, ex in enumerate(examples):
+        ex.index = i
+    return Pairs(name, [by_where[ex.source] for ex in examples], examples, encoder, notes)
 
 
 def pad_id_of(tokenizer: Any) -> int:

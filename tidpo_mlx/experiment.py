@@ -224,7 +224,8 @@ def run_one(cfg: Config, method: str, noise: float, counts: dict[str, int], sett
 
     folder = Path(cfg.adapter_path)
     tic = time.perf_counter()
-    result = train(cfg, log=lambda _: None, progress=False)
+    # a run folder without a matching result.json holds a stale or cut-short run of this experiment
+    result = train(cfg, log=lambda _: None, progress=False, existing="remove")
     row = {
         "method": method,
         "noise": noise,

@@ -58,10 +58,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save_safetensors(path: Path, arrays: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file of MLX arrays atomically."""
+    """Write a safetensors file of MLX arrays atomically.
+
+    MLX reports a failed write (disk full) as a ``RuntimeError`` starting with
+    ``[write]``; it is treated as the ``OSError`` it is.
+    """
     import mlx.core as mx
 
-    atomic_write(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=metadata or {}))
+    def write(tmp: Path) -> None:
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        except RuntimeError as err:
+            if not str(err).startswith("[write]"):
+                raise
+            raise OSError(str(err)) from None
+
+    atomic_write(path, write)
 
 
 def jsonl_text(records: Iterable[dict[str, Any]]) -> str:

@@ -13,7 +13,8 @@ the vocabulary logits. The core only ever calls these methods:
   from the very same array.
 - ``hidden(inputs, batch, rows) -> h``: final hidden states (after the last
   norm) of the batch rows ``rows``, given the ``inputs`` of exactly those rows.
-- ``logits(h)``: the model's own head (tied or not).
+- ``logits(h)``: the model's own head (tied or not) with its post-head
+  transforms, on hidden states of any leading shape (gathered positions).
 - ``sequence_kl(policy, ref, mask)``: ``sum_t KL(ref || pi)`` over response
   tokens, from log-softmax arrays (N, R, V).
 - ``token_count(batch, layout)``: non-pad tokens of the whole sequences.
@@ -28,7 +29,9 @@ the same contract with plain-op attention and a shared prompt prefix;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,39 +39,121 @@ from mlx_lm.tuner.losses import kl_div_loss
 
 from tidpo_mlx.batching import Layout, Rows
 from tidpo_mlx.config import Config
-from tidpo_mlx.errors import ModelError
+from tidpo_mlx.errors import ModelError, first_line
 from tidpo_mlx.models import on_cpu
 
 CHECK_TOKENS = [1, 2, 3, 4]
 """Token ids of the load-time check that a forward reproduces ``model(tokens)``."""
 
 
+EMBEDDING_NAMES = (
+    "embed_tokens", "wte", "tok_embeddings", "word_embeddings", "token_embeddings", "embed_in", "embeddings",
+    "embedding", "embed",
+)
+"""Attribute names mlx-lm's decoders give the token embedding of their inner model."""
+
+_GIVEN = "_tidpo_given_output"
+_given_classes: dict[type, type] = {}
+
+
+class _GivenOutput:
+    """Mixin: ``__call__`` returns the array :func:`given_output` put in the instance ``__dict__``.
+
+    Only the class changes (a subclass of the module's own class), so
+    parameter names, ``as_linear`` of tied heads and compiled state are
+    untouched; the array lives in ``__dict__``, never as a module attribute
+    (which MLX would take for a parameter).
+    """
+
+    def __call__(self, inputs: mx.array, *args: object, **kwargs: object) -> mx.array:
+        value, shape = self.__dict__[_GIVEN]
+        if tuple(inputs.shape) != shape:
+            raise ModelError(
+                f"model calls its {type(self).__mro__[2].__name__} on inputs of shape {tuple(inputs.shape)}, "
+                f"not the rows' {shape}: tidpo-mlx cannot attribute through it"
+            )
+        return value
+
+
+@contextlib.contextmanager
+def given_output(module: nn.Module, value: mx.array, input_shape: tuple[int, ...]) -> Iterator[None]:
+    """Inside this block, ``module(x)`` returns ``value`` (``x`` must have shape ``input_shape``).
+
+    The module's class is swapped for a subclass overriding ``__call__`` and
+    swapped back after; tracing (``mx.grad``, ``mx.compile``) runs the Python
+    code, so the swap holds for a traced call.
+    """
+    cls = type(module)
+    given = _given_classes.get(cls)
+    if given is None:
+        given = _given_classes[cls] = type(cls.__name__, (_GivenOutput, cls), {"__module__": cls.__module__})
+    module.__dict__[_GIVEN] = (value, tuple(input_shape))
+    module.__class__ = given
+    try:
+        yield
+    finally:
+        module.__class__ = cls
+        del module.__dict__[_GIVEN]
+
+
+def token_embedding(model: nn.Module) -> tuple[nn.Module, str]:
+    """The inner model (the child of ``model`` that runs the blocks) and its token embedding's attribute name.
+
+    Raises a one-line :class:`ModelError` naming the model type when there is none.
+    """
+    for child in model.values():
+        if isinstance(child, nn.Module):
+            for name in EMBEDDING_NAMES:
+                if isinstance(child.get(name), (nn.Embedding, nn.QuantizedEmbedding)):
+                    return child, name
+    raise ModelError(
+        f"model type {getattr(model, 'model_type', type(model).__module__)!r}: no token embedding found "
+        f"(an inner model with one of {', '.join(EMBEDDING_NAMES)}): tidpo-mlx cannot attribute through it"
+    )
+
+
 class Forward:
-    """The portable forward: whole rows through mlx-lm's model (see the module docstring)."""
+    """The portable forward: whole rows through mlx-lm's model (see the module docstring).
+
+    Works for any mlx-lm decoder whose token embedding :func:`token_embedding`
+    finds: :meth:`hidden` runs the model's own inner forward on the token ids
+    with the embedding layer answering the given ``E`` (so the attribution
+    differentiates exactly with respect to ``E``, as with an
+    ``input_embeddings`` argument, and whatever the model does after its
+    embedding, e.g. Gemma's and Granite's scaling, still happens); :meth:`logits`
+    runs the model's own ``__call__`` with the inner model answering the given
+    hidden states, so its head and post-head transforms (tied or not, Gemma 2's
+    final softcap, Cohere's ``logit_scale``, Granite's ``logits_scaling``) apply.
+    """
 
     kind = "rows"
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.inner, self.embedding_name = token_embedding(model)
 
     def prepare(self, rows: Rows) -> tuple[dict[str, mx.array], Layout]:
         """MLX arrays of the whole rows, and their layout."""
         return {k: mx.array(v) for k, v in rows.arrays.items()}, dataclasses.replace(rows.layout, kind=self.kind)
 
+    def embed_tokens(self, tokens: mx.array) -> mx.array:
+        """The model's own token embedding of ``tokens`` (before any scaling the model applies after it)."""
+        return self.inner[self.embedding_name](tokens)
+
     def embed(self, batch: dict[str, mx.array]) -> mx.array:
         """Input embeddings ``E = embed(s)`` of every row (N, L, D)."""
-        return self.model.model.embed_tokens(batch["tokens"])
+        return self.embed_tokens(batch["tokens"])
 
     def hidden(self, inputs: mx.array, batch: dict[str, mx.array], rows: slice) -> mx.array:
-        """Final hidden states of the rows ``rows`` from their input embeddings."""
-        return self.model.model(None, input_embeddings=inputs)
+        """Final hidden states of the rows ``rows``: the inner model on their tokens, its embedding answering ``inputs``."""
+        tokens = batch["tokens"][rows]
+        with given_output(self.inner[self.embedding_name], inputs, tokens.shape):
+            return self.inner(tokens)
 
     def logits(self, hidden: mx.array) -> mx.array:
-        """The LM head: hidden states to vocabulary logits."""
-        model = self.model
-        if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
-            return model.model.embed_tokens.as_linear(hidden)
-        return model.lm_head(hidden)
+        """The model's own head and post-head transforms on ``hidden`` (any leading shape, e.g. gathered positions)."""
+        with given_output(self.inner, hidden, hidden.shape):
+            return self.model(hidden)
 
     def sequence_kl(self, policy_logprobs: mx.array, ref_logprobs: mx.array, mask: mx.array) -> mx.array:
         """``KL(y) = sum_t KL(ref(.|x, y_<t) || pi(.|x, y_<t))`` with mlx-lm's (Metal-fused) kernel."""
@@ -86,25 +171,25 @@ class Forward:
 def check_forward(fwd: Forward, name: str) -> None:
     """Fail clearly unless ``logits(hidden(embed(x)))`` reproduces ``model(x)``.
 
-    Attribution differentiates with respect to the input embeddings, so the
-    model must accept ``input_embeddings`` and add nothing between the final
-    hidden states and the head that :meth:`Forward.logits` leaves out.
+    Proves, per loaded model, that the inner model's output is what the head
+    takes and that :meth:`Forward.logits` reproduces the head with its
+    post-head transforms (any family, any quantization).
     """
-    from mlx_lm.utils import does_model_support_input_embeddings
-
     model = fwd.model
-    if not does_model_support_input_embeddings(model) or not hasattr(model, "model"):
-        raise ModelError(f"{name}: model type {model.model_type!r} does not accept input embeddings")
+    model_type = getattr(model, "model_type", type(model).__module__)
     tokens = mx.array([CHECK_TOKENS])
     base = fwd.whole_rows()
     batch = {"tokens": tokens}
-    ours = base.logits(base.hidden(base.embed(batch), batch, slice(None)))
+    try:
+        ours = base.logits(base.hidden(base.embed(batch), batch, slice(None)))
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ModelError(f"{name}: model type {model_type!r}: tidpo-mlx cannot run its forward ({first_line(err)})") from None
     theirs = model(tokens)
     scale = mx.abs(theirs).max().item() + 1e-6
-    if mx.abs(ours - theirs).max().item() > 1e-3 * scale:
+    if ours.shape != theirs.shape or mx.abs(ours - theirs).max().item() > 1e-3 * scale:
         raise ModelError(
-            f"{name}: model type {model.model_type!r} transforms its hidden states before the "
-            "LM head in a way tidpo-mlx does not reproduce"
+            f"{name}: model type {model_type!r}: logits from its hidden states differ from its own forward "
+            "(the inner model's output is not what its head takes)"
         )
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
+
+from tidpo_mlx.errors import TrainingError
+from tidpo_mlx.files import WriteError, atomic_write_text, jsonl_text
 
 
 NAMES = {
@@ -69,17 +72,45 @@ def all_finite(values: dict[str, float]) -> bool:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, written as steps complete."""
+    """``metrics.jsonl``: one JSON object per line, appended as steps complete.
 
-    def __init__(self, path: Path, keep_until: int | None = None):
+    A fresh run starts the file empty; a resumed one keeps the records up to
+    its checkpoint's step and rewrites the file atomically. A torn last line
+    (a crash during a write) is dropped with a note; any other unreadable
+    line stops the resume naming ``file:line``.
+    """
+
+    def __init__(self, path: Path, keep_until: int | None = None, log: Callable[[str], None] = print):
         self.path = path
-        if keep_until is not None and path.exists():
-            kept = [l for l in path.read_text().splitlines() if json.loads(l).get("step", 0) <= keep_until]
-            path.write_text("".join(l + "\n" for l in kept))
-        elif keep_until is None:
-            path.write_text("")
+        records = read_metrics(path, log) if keep_until is not None and path.exists() else []
+        atomic_write_text(path, jsonl_text(r for r in records if r.get("step", 0) <= (keep_until or 0)))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise WriteError(f"{self.path}: could not append a record ({err.strerror or err})") from None
+
+
+def read_metrics(path: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a torn last line is dropped with a note in ``log``."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problem = None if isinstance(record, dict) else "not a JSON object"
+        except ValueError as err:
+            problem = f"not a JSON record ({err})"
+        if problem is None:
+            records.append(record)
+        elif number == len(lines):
+            log(f"note: {path}:{number}: torn last line dropped ({len(line)} characters, a write cut short)")
+        else:
+            raise TrainingError(f"{path}:{number}: {problem}; move the file away to start it anew")
+    return records

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from tidpo_mlx.config import ALL_LINEAR, Config, LoRAParameters
+from tidpo_mlx.config import Config, LoRAParameters
 from tidpo_mlx.errors import ModelError, first_line
 from tidpo_mlx.files import atomic_save_safetensors, atomic_write_text
 
@@ -44,9 +47,18 @@ class SwitchableLoRALinear(LoRALinear):
         return layer
 
     def __call__(self, x: mx.array) -> mx.array:
+        """``W x + scale * B A x`` (LoRALinear's function), or ``W x`` when switched off.
+
+        The scale multiplies ``lora_b``, not the activations: MLX 0.32's
+        ``mx.compile`` fails (``IndexError: _Map_base::at``) on a nested
+        gradient through an activation scaled by a constant and then split,
+        as fused ``qkv_proj`` / ``gate_up_proj`` layers (phi3) are.
+        """
+        y = self.linear(x)
         if not self.enabled:
-            return self.linear(x)
-        return super().__call__(x)
+            return y
+        z = (self.dropout(x) @ self.lora_a) @ (self.scale * self.lora_b)
+        return y + z.astype(x.dtype)
 
 
 def lora_layers(model: nn.Module) -> list[SwitchableLoRALinear]:
@@ -94,7 +106,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def resolve_model(spec: str) -> Path:
-    """A local MLX/HF folder for a built-in name, a .gguf file, a folder or a Hub id."""
+    """A local MLX/HF folder for a built-in name, a .gguf file, a folder or a Hub id.
+
+    A folder whose ``config.json`` mlx-lm would misread comes back as its
+    :func:`corrected_folder`, so whatever is printed or saved with this path
+    (``mlx_lm.generate --model``, ``adapter_config.json``) loads the same model.
+    """
     from tidpo_mlx import builtin
 
     if spec in builtin.BUILTIN_MODELS:
@@ -109,7 +126,7 @@ def resolve_model(spec: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{spec}: folder has no config.json (not a Hugging Face/MLX model)")
-        return path
+        return corrected_folder(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelError(
             f"{spec}: not a model folder, .gguf file, Hugging Face id or built-in name "
@@ -118,7 +135,7 @@ def resolve_model(spec: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
+        folder = Path(
             snapshot_download(
                 spec,
                 allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"],
@@ -128,6 +145,7 @@ def resolve_model(spec: str) -> Path:
         raise ModelError(
             f"{spec}: not cached and could not be downloaded from the Hugging Face Hub ({first_line(err)})"
         ) from None
+    return corrected_folder(folder)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -135,16 +153,80 @@ def _read_config(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def rope_fix(config: dict[str, Any]) -> dict[str, Any]:
-    """Config overrides so mlx-lm sees a ``rope_theta`` written only under ``rope_parameters``.
+def _rope_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """mlx-lm's top-level keys for one flat ``rope_parameters`` object (theta, scaling, partial rotary factor)."""
+    out: dict[str, Any] = {}
+    if params.get("rope_theta") is not None:
+        out["rope_theta"] = params["rope_theta"]
+    if "partial_rotary_factor" in params:
+        out["partial_rotary_factor"] = params["partial_rotary_factor"]
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        out["rope_scaling"] = {**scaling, "type": rope_type, "rope_type": rope_type}
+    return out
 
-    transformers 5 writes ``rope_parameters.rope_theta``; mlx-lm 0.32 reads
-    only a top-level ``rope_theta`` and would silently fall back to 10000.
+
+def rope_fix(config: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides so mlx-lm reads the rope settings transformers 5 writes only under ``rope_parameters``.
+
+    mlx-lm 0.32 reads top-level ``rope_theta`` / ``rope_scaling`` (and
+    ``partial_rotary_factor``; Gemma 3: ``rope_local_base_freq``) and would
+    silently fall back to its defaults. ``rope_parameters`` is flat (one
+    object: theta plus Llama-3 / YaRN / linear / longrope scaling) or per
+    layer type (Gemma 3: ``full_attention`` / ``sliding_attention``). As in
+    transformers, ``rope_parameters`` wins over top-level keys; the scaling
+    carries both ``type`` and ``rope_type`` (mlx-lm's phi3 reads the first).
+    Returns only the keys whose value differs from ``config``'s.
     """
-    params = config.get("rope_parameters") or {}
-    if "rope_theta" not in config and "rope_theta" in params:
-        return {"rope_theta": params["rope_theta"]}
-    return {}
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return {}
+    if all(isinstance(v, dict) for v in params.values()):
+        found = _rope_keys(params.get("full_attention") or {})
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_theta") is not None:
+            found["rope_local_base_freq"] = local["rope_theta"]
+    else:
+        found = _rope_keys(params)
+    return {k: v for k, v in found.items() if config.get(k) != v}
+
+
+FIXED_VERSION = 1
+"""Bump when :func:`rope_fix` changes what it writes (invalidates the cached corrected folders)."""
+
+
+def corrected_folder(path: Path) -> Path:
+    """``path`` itself when mlx-lm reads its ``config.json`` right, else a cached copy it reads right.
+
+    The copy (under the tidpo-mlx cache, ``fixed/``) holds ``config.json``
+    with :func:`rope_fix` applied and links to every other file, so
+    ``mlx_lm.generate --model <copy>`` loads the model tidpo-mlx trains.
+    Keyed by the folder's resolved path and its config's content.
+    """
+    from tidpo_mlx.convert.gguf import cache_root
+
+    config = _read_config(path)
+    fix = rope_fix(config)
+    if not fix:
+        return path
+    source = path.resolve()
+    digest = hashlib.sha256(f"{source}:{json.dumps(config, sort_keys=True)}:{FIXED_VERSION}".encode()).hexdigest()
+    folder = cache_root() / "fixed" / f"{source.name}-{digest[:12]}"
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "config.json":
+            (tmp / item.name).symlink_to(item.resolve())
+    atomic_write_text(tmp / "config.json", json.dumps({**config, **fix}, indent=2))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def on_cpu() -> bool:
@@ -178,24 +260,42 @@ def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, lis
     return model, tokenizer, notes
 
 
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+
+
 def attach_lora(model: nn.Module, cfg: Config) -> None:
-    """Freeze the base and put LoRA on ``cfg.lora_parameters.keys`` of the last ``num_layers`` blocks."""
+    """Freeze the base and put LoRA on the last ``num_layers`` blocks.
+
+    On ``cfg.lora_parameters.keys``, or with no keys on every Linear /
+    QuantizedLinear of each block, fused ones (``qkv_proj``, ``gate_up_proj``)
+    included, as mlx-lm does. A key that names no linear layer of those
+    blocks is an error listing the ones they have.
+    """
     lp = cfg.lora_parameters
     model.freeze()
     blocks = model.layers if cfg.num_layers < 0 else model.layers[-cfg.num_layers:]
     if cfg.num_layers > len(model.layers):
         raise ModelError(f"num_layers={cfg.num_layers} but the model has {len(model.layers)} blocks")
-    found = set()
+    found, linear = set(), set()
     for block in blocks:
-        swaps = []
-        for key, module in block.named_modules():
-            if key in lp.keys and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-                swaps.append((key, SwitchableLoRALinear.wrap(module, lp.rank, lp.scale, lp.dropout)))
-                found.add(key)
-        block.update_modules(tree_unflatten(swaps))
+        layers = {key: m for key, m in block.named_modules() if isinstance(m, LINEAR_TYPES)}
+        linear.update(layers)
+        keys = [key for key in layers if not lp.keys or key in lp.keys]
+        found.update(keys)
+        block.update_modules(
+            tree_unflatten([(key, SwitchableLoRALinear.wrap(layers[key], lp.rank, lp.scale, lp.dropout)) for key in keys])
+        )
     missing = set(lp.keys) - found
-    if missing:
-        raise ModelError(f"lora_parameters.keys: no such linear module in the blocks: {', '.join(sorted(missing))}")
+    if missing or not found:
+        raise ModelError(
+            f"lora_parameters.keys: {', '.join(sorted(missing)) or 'the default'} names no linear layer of the "
+            f"blocks; they have: {', '.join(sorted(linear)) or 'none'}"
+        )
+
+
+def lora_keys(model: nn.Module) -> list[str]:
+    """The paths inside a block of every LoRA layer (mlx-lm's ``lora_parameters.keys``)."""
+    return sorted({key for block in model.layers for key, m in block.named_modules() if isinstance(m, SwitchableLoRALinear)})
 
 
 def attach_full(model: nn.Module, cfg: Config) -> None:
@@ -243,7 +343,14 @@ def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
 
 
 def save_adapters(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
-    """``adapters.safetensors`` + ``adapter_config.json`` in mlx-lm's format."""
+    """``adapters.safetensors`` + ``adapter_config.json`` in mlx-lm's format.
+
+    Default (empty) LoRA keys are written out as the model's :func:`lora_keys`,
+    so mlx-lm's ``--adapter-path`` puts LoRA on the very same layers.
+    """
+    lp = config.get("lora_parameters")
+    if config.get("fine_tune_type", "lora") == "lora" and lp is not None and not lp.get("keys"):
+        config = {**config, "lora_parameters": {**lp, "keys": lora_keys(model)}}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(folder / "adapters.safetensors", trainable_weights(model))
     atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
@@ -300,7 +407,7 @@ def load_adapted(model_spec: str, adapter_path: str | None, cfg: Config) -> tupl
                 rank=lp.get("rank", 8),
                 scale=lp.get("scale", 20.0),
                 dropout=lp.get("dropout", 0.0),
-                keys=tuple(lp.get("keys") or ALL_LINEAR),
+                keys=tuple(lp.get("keys") or ()),
             ),
         )
         attach_trainable(model, adapter_cfg)

@@ -8,8 +8,12 @@ per step, so a resumed run repeats an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +28,10 @@ from mlx.utils import tree_flatten, tree_map
 
 from tidpo_mlx.anchors import AnchorSource
 from tidpo_mlx.batching import Layout, collate, iterate_batches
-from tidpo_mlx.checkpoint import checkpoint_dirs, restore_checkpoint, save_checkpoint
+from tidpo_mlx.checkpoint import (
+    Existing, check_resume, checkpoint_dirs, clear_earlier_run, fingerprint, load_checkpoint, output_folder,
+    restore_checkpoint, save_checkpoint, set_aside_newer,
+)
 from tidpo_mlx.config import Config, save_config
 from tidpo_mlx.data import Dataset, Example, PairEncoder, load_dataset
 from tidpo_mlx.errors import TrainingError
@@ -118,6 +125,60 @@ def _global_norm(grads: Any) -> mx.array:
     return mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
 
 
+class Interrupted(TrainingError):
+    """Ctrl-C or SIGTERM stopped the run after a completed step, which was checkpointed."""
+
+    def __init__(self, signal_name: str, step: int, iters: int, checkpoint: Path, folder: Path):
+        self.summary = f"stopped by {signal_name} after step {step} of {iters}; checkpoint {checkpoint}"
+        super().__init__(f"{self.summary}; continue with --resume {checkpoint.name} --adapter-path {folder}")
+        self.signal_name, self.step, self.checkpoint, self.folder = signal_name, step, checkpoint, folder
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process that signal ended (130 Ctrl-C, 143 SIGTERM)."""
+        return 128 + (signal.SIGINT if self.signal_name == "SIGINT" else signal.SIGTERM)
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM ask the loop to stop after the current step; a second one exits at once.
+
+    Python runs signal handlers only between MLX evaluations, so the first
+    signal only sets a flag that the loop reads after each step; the second
+    calls ``os._exit`` (the last complete checkpoint stays, every file being
+    written atomically). Handlers are installed only in the main thread and
+    restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            os._exit(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        self.log(f"\n{self.signal_name}: stopping after this step and writing a checkpoint (again: quit at once)")
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, world: Any) -> bool:
+        """Whether any rank was asked to stop: an ``all_sum`` of the flags, so every rank stops at one step."""
+        asked = self.signal_name is not None
+        if world.size() > 1:
+            return mx.distributed.all_sum(mx.array(int(asked)), stream=mx.cpu).item() > 0
+        return asked
+
+
 @dataclass
 class Run:
     """Everything a training run needs, loaded by :func:`prepare`."""
@@ -134,6 +195,7 @@ class Run:
     opt: optim.Optimizer
     start: int
     adapter_config: dict[str, Any]
+    fingerprint: dict[str, Any]
     metrics: MetricsLog | None
     log: Callable[[str], None]
 
@@ -147,6 +209,13 @@ class Run:
         if self.metrics is not None:
             self.metrics.write(record)
 
+    def save(self, step: int) -> Path:
+        """Checkpoint this step (rank 0 writes; every rank gets the path)."""
+        if self.lead:
+            save_checkpoint(self.out, step, self.fwd.model, self.opt, self.adapter_config, self.cfg.save_total_limit,
+                            self.fingerprint)
+        return self.out / "checkpoints" / f"step-{step:06d}"
+
     def batches(self, micro: int) -> Iterator[list[Example]]:
         """This rank's share of the micro-batches from micro-batch ``micro`` on."""
         rank, size = self.world.rank(), self.world.size()
@@ -158,31 +227,64 @@ class Run:
         return [next(ahead) for _ in range(count)]
 
 
-def prepare(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> Run:
-    """Load model, data, adapters, optimizer and (with ``resume``) the newest checkpoint."""
+def load_tokenizer_of(model_path: Path) -> Any:
+    """The tokenizer of a model folder, with the eos ids of its ``config.json`` (no weights read)."""
+    from mlx_lm.utils import load_tokenizer
+
+    config = json.loads((model_path / "config.json").read_text())
+    return load_tokenizer(model_path, eos_token_ids=config.get("eos_token_id"))
+
+
+def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse", force: bool = False,
+            log: Callable[[str], None] = print) -> Run:
+    """Check the output folder, data and (with ``resume``) the checkpoint, then load weights and optimizer.
+
+    Everything a user can get wrong is checked before the weights load: the
+    output folder (:func:`~tidpo_mlx.checkpoint.output_folder` with
+    ``existing``), the data (encoded with the tokenizer alone) and, with
+    ``resume`` (``""``: the newest checkpoint, or a checkpoint's name), the
+    checkpoint's files and fingerprint (``force``: go on when keys differ).
+    """
     world = mx.distributed.init()
     if cfg.batch_size % world.size():
         raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {world.size()} ranks")
     lead = world.rank() == 0
     if not lead:
         log = lambda message: None  # noqa: E731
-    out = Path(cfg.adapter_path)
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
+    named = Path(cfg.adapter_path)
+    out = named if resume is not None or not lead else output_folder(named, existing)
+    if out != named:
+        log(f"{named} holds an earlier run; this run writes to {out}")
+    cfg = dataclasses.replace(cfg, adapter_path=str(out))
     mx.random.seed(cfg.seed)
 
     model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer_of(model_path)
+    data = load_dataset(cfg.data, tokenizer, cfg)
+    log(
+        f"data: {cfg.data}: {len(data.train)} train, {len(data.valid)} valid pairs; "
+        f"truncated: {data.truncated_prompts} prompts ({data.pairs_with_dropped_turns} lost earliest turns), "
+        f"{data.truncated_responses} responses; skipped invalid: {data.skipped}"
+    )
+    for note in data.notes:
+        log(f"  {note}")
+    run_keys = fingerprint(cfg, data.train)
+    ckpt = None
+    if lead and resume is not None:
+        ckpt = load_checkpoint(out, resume, log)
+        check_resume(ckpt, run_keys, force, log)
+    if lead:
+        note = set_aside_newer(out, ckpt) if ckpt is not None else clear_earlier_run(out, existing)
+        if note:
+            log(note)
+        out.mkdir(parents=True, exist_ok=True)
+
     dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
-    model, tokenizer, notes = load_base(model_path, dequantize)
+    model, _, notes = load_base(model_path, dequantize)
     fwd, forward_notes = make_forward(model, cfg, str(model_path))
     log(f"model: {cfg.model} -> {model_path}")
     for note in notes + forward_notes:
         log(f"  {note}")
-    data = load_dataset(cfg.data, tokenizer, cfg)
-    log(
-        f"data: {cfg.data}: {len(data.train)} train, {len(data.valid)} valid pairs; "
-        f"truncated: {data.truncated_prompts} prompts, {data.truncated_responses} responses"
-    )
     attach_trainable(model, cfg)
     if cfg.resume_adapter_file:
         load_adapter_weights(model, cfg.resume_adapter_file)
@@ -192,18 +294,20 @@ def prepare(cfg: Config, resume: bool = False, log: Callable[[str], None] = prin
         grad_checkpoint(model.layers[0])
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    start = restore_checkpoint(out, model, opt, world) if resume else 0
+    start = restore_checkpoint(ckpt, model, opt, world) if resume is not None else 0
     metrics = None
     if lead:
         save_config(cfg, out / "config.yaml")
-        metrics = MetricsLog(out / "metrics.jsonl", keep_until=start if resume else None)
+        metrics = MetricsLog(out / "metrics.jsonl", keep_until=start if resume is not None else None, log=log)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}")
+    resumed = f" (from {ckpt.path})" if ckpt is not None else ""
+    log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}{resumed}")
+    log(f"output: {out} (resolved config in {out / 'config.yaml'})")
     if world.size() > 1:
         log(f"distributed: {world.size()} ranks, each {cfg.batch_size // world.size()} of the {cfg.batch_size} pairs of a batch")
     return Run(
         cfg, world, out, model_path, fwd, tokenizer, data, PairEncoder(tokenizer, cfg), pad_id_of(tokenizer),
-        opt, start, adapter_config(cfg, model_path), metrics, log,
+        opt, start, adapter_config(cfg, model_path), run_keys, metrics, log,
     )
 
 
@@ -252,18 +356,25 @@ def optimizer_step(run: Run, step: int, micro_batches: Iterator[list[Example]], 
 
 def train(
     cfg: Config,
-    resume: bool = False,
+    resume: str | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    existing: Existing = "refuse",
+    force: bool = False,
 ) -> TrainResult:
     """Run a full training job as configured; return where the adapters are and what was measured.
 
-    ``on_step(step, metrics)`` is called after every optimizer step (before
-    that step's eval and checkpoint), like mlx-lm's training callback.
+    ``resume``: ``None`` starts a new run (``existing`` says what happens to a
+    run already in the folder), ``""`` continues from the newest checkpoint,
+    a name (``step-000040``) from that one; ``force`` continues one written
+    with other settings. ``on_step(step, metrics)`` is called after every
+    optimizer step (before that step's eval and checkpoint), like mlx-lm's
+    training callback. Ctrl-C or SIGTERM checkpoints the step in progress
+    and raises :class:`Interrupted`.
     """
-    run = prepare(cfg, resume, log)
-    log = run.log
+    run = prepare(cfg, resume, existing, force, log)
+    cfg, log, model = run.cfg, run.log, run.fwd.model
     t = time.perf_counter()
     held_out = HeldOut(run.fwd, cfg, run.data.valid, run.pad_id, run.world)
     before = None
@@ -271,36 +382,46 @@ def train(
         before = held_out(policy_is_reference=not cfg.resume_adapter_file)
         log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
         run.write({"step": 0, "split": "valid", **before})
-    run.fwd.model.train()
     grad_step, apply_step = compile_steps(run.fwd, cfg, run.opt)
     micro_batches = run.batches(run.start * cfg.grad_accumulation_steps)
-    anchors = AnchorSource(run.fwd.model, run.tokenizer, run.encoder, cfg, run.upcoming)
+    anchors = AnchorSource(model, run.tokenizer, run.encoder, cfg, run.upcoming)
     bar = _progress(cfg.iters, run.start, progress and run.lead)
     t_train = time.perf_counter()
-    for step in range(run.start + 1, cfg.iters + 1):
-        record = optimizer_step(run, step, micro_batches, anchors, grad_step, apply_step)
-        run.write(record)
+    was_training = model.training
+    model.train()
+    try:
+        with StopRequest(log) as stop:
+            for step in range(run.start + 1, cfg.iters + 1):
+                record = optimizer_step(run, step, micro_batches, anchors, grad_step, apply_step)
+                run.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.update(1)
+                if on_step is not None:
+                    on_step(step, record)
+                if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
+                    val = held_out()
+                    run.write({"step": step, "split": "valid", **val})
+                    log(f"step {step} held-out: {_fmt(val)}")
+                due = (cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters
+                checkpoint = run.save(step) if due else None
+                if stop.agreed(run.world):
+                    checkpoint = checkpoint or run.save(step)
+                    raise Interrupted(stop.signal_name or "another rank's signal", step, cfg.iters, checkpoint, run.out)
+    finally:
+        model.train(was_training)
         if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-        if on_step is not None:
-            on_step(step, record)
-        if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
-            val = held_out()
-            run.write({"step": step, "split": "valid", **val})
-            log(f"step {step} held-out: {_fmt(val)}")
-        if run.lead and ((cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters):
-            save_checkpoint(run.out, step, run.fwd.model, run.opt, run.adapter_config, cfg.save_total_limit)
-    if bar is not None:
-        bar.close()
+            bar.close()
     seconds = time.perf_counter() - t_train
     t = time.perf_counter()
     after = held_out()
     run.write({"step": cfg.iters, "split": "valid", **after})
     log(f"held-out after ({time.perf_counter() - t:.1f} s): {_fmt(after)}")
     if run.lead:
-        save_adapters(run.fwd.model, run.out, run.adapter_config)
-        summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": run.world.size()}
+        save_adapters(model, run.out, run.adapter_config)
+        summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": run.world.size(),
+                   "data": run.data.summary()}
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
     return TrainResult(run.out, run.model_path, cfg.iters, seconds, before, after)
 

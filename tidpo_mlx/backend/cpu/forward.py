@@ -46,7 +46,7 @@ class CpuForward(Forward):
         """
         if not self.shared:
             return super().hidden(inputs, batch, rows)
-        kv = prompt_pass(self.model, self.model.model.embed_tokens(batch["prompt_tokens"]))
+        kv = prompt_pass(self.model, self.embed_tokens(batch["prompt_tokens"]))
         return response_hidden_states(self.model, inputs, Prefix(kv, batch["positions"][rows], batch["attn_mask"][rows]))
 
     def sequence_kl(self, policy_logprobs: mx.array, ref_logprobs: mx.array, mask: mx.array) -> mx.array:

@@ -1,0 +1,107 @@
+"""Dataset encoding speed (issue 13): cold pairs/s and the warm (cached) load time.
+
+    python benchmarks/encode_speed.py [--pairs 160000] [--keep DIR]
+
+Generates ``--pairs`` multi-turn Anthropic-HH-like rows (implicit prompt:
+``chosen``/``rejected`` transcripts sharing 1-3 earlier turns; median about 180
+tokens per templated pair) as ``train.jsonl`` plus a ``valid.jsonl`` of 5 %
+more, then loads them with ``tidpo_mlx.data.load_dataset`` and the tokenizer of
+the built-in ``smollm2-135m-instruct`` twice into a fresh encoded-dataset cache:
+the first load encodes (cold), the second reads the cache (warm). Prints pairs/s
+of the cold load, the warm load time and the machine's load average (the
+figures move with whatever else runs on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from "
+         "or had by hot word but what some we can out other were all there when up use your how said an "
+         "each she which do their time if will way about many then them write would like so these her long "
+         "make thing see him two has look more day could go come did number sound no most people my over "
+         "know water than call first who may down side been now find any new work part take get place made "
+         "live where after back little only round man year came show every good me give our under name very "
+         "through just form sentence great think say help low line differ turn cause much mean before move "
+         "right boy old too same tell does set three want air well also play small end put home read hand").split()
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    """A random sentence of ``lo``..``hi`` words."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+    return " ".join(words).capitalize() + rng.choice((".", "?", "!", "."))
+
+
+def transcript(turns: list[tuple[str, str]]) -> str:
+    """An HH transcript string of ``(speaker, text)`` turns."""
+    return "".join(f"\n\n{who}: {text}" for who, text in turns)
+
+
+def hh_row(rng: random.Random) -> dict[str, Any]:
+    """One HH-like pair: 1-3 earlier exchanges, a last human turn, two different answers."""
+    turns: list[tuple[str, str]] = []
+    for _ in range(rng.choice((0, 0, 1, 1, 2))):
+        turns += [("Human", sentence(rng, 4, 18)), ("Assistant", sentence(rng, 6, 30))]
+    turns.append(("Human", sentence(rng, 4, 20)))
+    chosen = transcript(turns + [("Assistant", sentence(rng, 5, 40))])
+    rejected = transcript(turns + [("Assistant", sentence(rng, 3, 30))])
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def write_data(folder: Path, pairs: int, seed: int = 0) -> None:
+    """``train.jsonl`` of ``pairs`` rows and ``valid.jsonl`` of 5 % more."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", pairs), ("valid", max(8, pairs // 20))):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for _ in range(n):
+                f.write(json.dumps(hh_row(rng)) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=160_000, help="train pairs to generate (valid: 5 %% more)")
+    parser.add_argument("--keep", type=Path, help="write the data here (kept) instead of a temporary folder")
+    args = parser.parse_args()
+
+    from mlx_lm.utils import load_tokenizer
+
+    from tidpo_mlx.config import Config
+    from tidpo_mlx.data import load_dataset
+    from tidpo_mlx.models import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    cfg = Config(max_length=1024, max_prompt_length=512)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp) / "data"
+        write_data(folder, args.pairs)
+        os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
+        os.environ.pop("TIDPO_MLX_NO_ENCODE_CACHE", None)
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        cold = load_dataset(str(folder), tokenizer, cfg)
+        t1 = time.perf_counter()
+        warm = load_dataset(str(folder), tokenizer, cfg)
+        t2 = time.perf_counter()
+        load1 = os.getloadavg()
+    total = len(cold.train) + len(cold.valid)
+    assert [e.chosen for e in warm.train] == [e.chosen for e in cold.train], "the cached dataset differs"
+    lengths = [e.length for e in cold.train]
+    print(f"pairs: {total} ({len(cold.train)} train + {len(cold.valid)} valid), median "
+          f"{statistics.median(lengths):.0f} tokens per pair (prompt + longer response)")
+    print(f"cold encode: {t1 - t0:.1f} s = {total / (t1 - t0):.0f} pairs/s")
+    print(f"warm (cached) load: {t2 - t1:.2f} s")
+    print(f"load average (1/5/15 min) before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

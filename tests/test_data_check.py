@@ -1,0 +1,29 @@
+"""``tidpo-mlx data check`` loads only the tokenizer and reports what training would see."""
+
+from __future__ import annotations
+
+import tidpo_mlx  # noqa: F401
+
+from click.testing import CliRunner
+
+from tidpo_mlx.cli import main
+
+from conftest import write_jsonl
+
+
+def test_data_check_reports_counts_invalid_rows_and_a_marked_pair(tmp_path, tiny_model):
+    good = {"prompt": "What is 12 plus 30?", "chosen": "The answer is 42.", "rejected": "43"}
+    write_jsonl(tmp_path / "d" / "train.jsonl", [good, good, dict(good, chosen=""), dict(good, prompt="Hi")])
+    write_jsonl(tmp_path / "d" / "valid.jsonl", [good])
+    args = ["data", "check", "--data", str(tmp_path / "d"), "--model", str(tiny_model)]
+    stopped = CliRunner().invoke(main, args)
+    assert stopped.exit_code == 1 and "train.jsonl:3: 'chosen' is empty" in stopped.output
+    assert "--skip-invalid" in stopped.output
+    result = CliRunner().invoke(main, args + ["--skip-invalid"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "3 train, 1 valid, 0 test pairs" in out
+    assert "invalid rows skipped: 1\n  1 x 'chosen' is empty" in out
+    assert "exact duplicate pairs: 2" in out
+    assert "tokens of prompt: median" in out
+    assert "<|im_start|>assistant\n[[The answer is 42.<|im_end|>\n]]" in out

@@ -1,0 +1,143 @@
+"""Where ``--data`` comes from: files (BOM, gzip, bad bytes), folders, single files, parquet,
+``datasets.save_to_disk`` folders, and the Hub (a hand-built hub cache, offline)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import tidpo_mlx  # noqa: F401
+
+import pytest
+from mlx_lm.utils import load_tokenizer
+
+from tidpo_mlx.config import build_config
+from tidpo_mlx.data import DataError, load_dataset, read_jsonl
+from tidpo_mlx.evaluation import load_pairs
+from tidpo_mlx.sources import read_json_file
+
+from conftest import write_jsonl
+
+
+def pair(i: int, prompt: str | None = None) -> dict:
+    return {"prompt": prompt or f"What is {i} plus 30?", "chosen": f"{i + 30}", "rejected": f"{i + 31}"}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+CFG = build_config({"model": "x"})
+
+
+def test_bom_gzip_and_bad_bytes(tmp_path):
+    line = json.dumps(pair(1)).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line + b"\n")
+    assert read_jsonl(tmp_path / "bom.jsonl")[0][1] == pair(1)
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(line + b"\n" + line + b"\n"))
+    assert [w for w, _ in read_jsonl(tmp_path / "a.jsonl.gz")] == [f"{tmp_path / 'a.jsonl.gz'}:1", f"{tmp_path / 'a.jsonl.gz'}:2"]
+    (tmp_path / "zipped.jsonl").write_bytes(gzip.compress(line))
+    with pytest.raises(DataError, match=r"zipped.jsonl: this is gzip-compressed data; name the file \*.gz"):
+        read_jsonl(tmp_path / "zipped.jsonl")
+    (tmp_path / "bad.jsonl").write_bytes(line + b"\n" + b'{"prompt": "caf\xe9"}\n' + b"\x00\x01\x02\x80\n")
+    read = read_json_file(tmp_path / "bad.jsonl")
+    assert [(p.where, p.reason) for p in read.problems] == [
+        (f"{tmp_path / 'bad.jsonl'}:2", "not valid UTF-8 text"),
+        (f"{tmp_path / 'bad.jsonl'}:3", "binary data (NUL bytes), not JSON text")]
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid UTF-8 text"):
+        read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_json_array_rows_carry_their_line(tmp_path):
+    (tmp_path / "train.json").write_text("[\n" + ",\n".join(json.dumps(pair(i), indent=1) for i in range(3)) + "\n]\n")
+    lines = [int(w.rsplit(":", 1)[1]) for w, _ in read_json_file(tmp_path / "train.json").rows]
+    assert lines == [2, 7, 12]
+
+
+def test_single_file_gets_a_held_out_split_grouped_by_prompt(tmp_path, tok):
+    rows = [pair(i % 40) for i in range(200)]  # 40 prompts, 5 pairs each
+    for r, i in zip(rows, range(200)):
+        r["chosen"] += "!" * (i // 40 + 1)
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    data = load_dataset(str(path), tok, build_config({"model": "x", "valid_fraction": 0.1, "seed": 3}))
+    assert len(data.valid) == 20 and len(data.train) == 180
+    prompts = lambda exs: {e.messages[-1]["content"] for e in exs}  # noqa: E731
+    assert not prompts(data.train) & prompts(data.valid)
+    assert any(n.startswith("no valid split: held out 20 of 200 pairs") for n in data.notes)
+    again = load_dataset(str(path), tok, build_config({"model": "x", "valid_fraction": 0.1, "seed": 3}))
+    assert [e.source for e in again.valid] == [e.source for e in data.valid]
+    other = load_dataset(str(path), tok, build_config({"model": "x", "valid_fraction": 0.1, "seed": 4}))
+    assert [e.source for e in other.valid] != [e.source for e in data.valid]
+    # eval reads the same held-out split from the file's folder ... and a whole file when given one
+    assert [e.source for e in load_pairs(str(path), tok, CFG).examples] == [w for w, _ in read_jsonl(path)]
+
+
+def test_folder_of_mixed_files(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([pair(i) for i in range(6)]), tmp_path / "train.parquet")
+    (tmp_path / "validation.jsonl.gz").write_bytes(gzip.compress(b"".join(json.dumps(pair(i)).encode() + b"\n" for i in range(3))))
+    pq.write_table(pa.Table.from_pylist([pair(1), {"prompt": "x", "chosen": "", "rejected": "y"}]), tmp_path / "test.parquet")
+    with pytest.raises(DataError, match=r"test:row 1: 'chosen' is empty"):
+        load_dataset(str(tmp_path), tok, CFG)
+    data = load_dataset(str(tmp_path), tok, build_config({"model": "x", "skip_invalid": True}))
+    assert (len(data.train), len(data.valid), len(data.test)) == (6, 3, 1)
+    assert data.train[2].source == f"{tmp_path}:train:row 2"
+    assert data.valid[0].source == f"{tmp_path / 'validation.jsonl.gz'}:1"
+    pairs = load_pairs(str(tmp_path), tok, CFG)
+    assert len(pairs.examples) == 3 and pairs.rows[0] == pair(0)
+
+
+def test_save_to_disk_folder(tmp_path, tok):
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list([pair(i) for i in range(5)]),
+                               "validation": datasets.Dataset.from_list([pair(9)])})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    data = load_dataset(str(tmp_path / "saved"), tok, CFG)
+    assert (len(data.train), len(data.valid)) == (5, 1)
+    assert data.valid[0].source == f"{tmp_path / 'saved'}:validation:row 0"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A hand-built hub cache holding dataset ``org/prefs`` (parquet train, jsonl validation), offline."""
+    import huggingface_hub.constants as constants
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "datasets--org--prefs"
+    snap = repo / "snapshots" / commit
+    (snap / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    pq.write_table(pa.Table.from_pylist([pair(i) for i in range(12)]), snap / "data" / "train-00000-of-00001.parquet")
+    write_jsonl(snap / "data" / "validation.jsonl", [pair(50), pair(51)])
+    write_jsonl(snap / "data" / "test.jsonl", [pair(60)])
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return snap
+
+
+def test_hub_dataset_from_the_cache_offline(hub_cache, tok):
+    data = load_dataset("org/prefs", tok, CFG)
+    assert (len(data.train), len(data.valid), len(data.test)) == (12, 2, 1)
+    assert data.train[0].source == "org/prefs:train:row 0"
+    assert data.valid[1].source == f"{hub_cache / 'data' / 'validation.jsonl'}:2"
+    assert data.source == "org/prefs (hub)"
+    # mlx-lm's hf_dataset keys: a sliced train split, the test split as held-out
+    cfg = build_config({"model": "x", "hf_dataset": {"path": "org/prefs", "train_split": "train[:5]", "valid_split": "test"}})
+    data = load_dataset("ignored", tok, cfg)
+    assert (len(data.train), len(data.valid), len(data.test)) == (5, 1, 0)
+    assert len(load_pairs("org/prefs", tok, CFG).examples) == 2
+    with pytest.raises(DataError, match="org/absent: not in the Hugging Face cache"):
+        load_dataset("org/absent", tok, CFG)
+    with pytest.raises(DataError, match="no such data file or folder, bundled dataset or Hub dataset id"):
+        load_dataset("./nowhere", tok, CFG)

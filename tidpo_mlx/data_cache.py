@@ -1,0 +1,250 @@
+"""The encoded-dataset cache: encoding ``--data`` once per (data, tokenizer, encoding settings).
+
+An entry is ``<cache>/encoded/<key>.npz`` (``<cache>`` is
+``$XDG_CACHE_HOME/tidpo-mlx``, default ``~/.cache/tidpo-mlx``), written
+atomically. The key is the sha256 of
+
+- the bytes of every file that ``--data`` can read (one file, every data file
+  under a folder, or the Hub snapshot's files), with their paths (the
+  ``file:line`` of every pair is kept);
+- the tokenizer: its ``tokenizer.json`` serialisation (or vocabulary), chat
+  template and EOS id;
+- the config keys that change encoding: ``chat_template`` (with the file's
+  text when it is a path), ``max_length``, ``max_prompt_length``,
+  ``skip_invalid``, ``hf_dataset``; and :data:`FORMAT`.
+
+The entry holds the encoded splits before a held-out split is made, so
+``valid_fraction`` and ``seed`` are not part of the key. It stores every
+token id in one int32 array with offsets, the rest of each Example as JSON,
+and a sha256 of both: an entry that does not load or whose digest differs is
+ignored with a note and rewritten. ``TIDPO_MLX_NO_ENCODE_CACHE=1`` turns the
+cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tidpo_mlx.config import Config
+from tidpo_mlx.files import atomic_write
+from tidpo_mlx.sources import SUFFIXES, bundled_folder, is_hub_id
+
+FORMAT = 1
+"""Version of the entry layout and of the encoding rules: bump when either changes."""
+DISABLE = "TIDPO_MLX_NO_ENCODE_CACHE"
+CHUNK = 1 << 20
+
+
+@dataclass
+class Encoded:
+    """What encoding a source gives before the held-out split: examples by split, dropped rows, notes."""
+
+    splits: dict[str, list[Any]]
+    invalid: Counter
+    notes: list[str]
+    name: str
+    kind: str
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/tidpo-mlx/encoded`` (default ``~/.cache/tidpo-mlx/encoded``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(root) / "tidpo-mlx" / "encoded"
+
+
+def enabled() -> bool:
+    """Whether the cache is on (``TIDPO_MLX_NO_ENCODE_CACHE`` unset or ``0``)."""
+    return os.environ.get(DISABLE, "0") in ("", "0")
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every non-hidden file under ``folder`` (a superset of what loading reads from it)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _hub_folder(repo_id: str) -> Path | None:
+    """The local snapshot of a Hub dataset as ``sources.read_hub`` fetches it (None when unavailable)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset",
+                                      allow_patterns=[f"*{s}" for s in SUFFIXES] + ["README.md"]))
+    except Exception:  # loading reports the reason itself; no key means no cache
+        return None
+
+
+def data_files(data: str, hf_dataset: dict[str, Any] | None) -> list[Path] | None:
+    """The files ``sources.resolve_source`` may read for ``data`` (None: none found, loading reports it)."""
+    if hf_dataset and hf_dataset.get("path"):
+        folder = _hub_folder(hf_dataset["path"])
+        return None if folder is None else _folder_files(folder)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        return _folder_files(path)
+    if path.is_file():
+        return [path]
+    bundled = bundled_folder(data)
+    if bundled is not None:
+        return _folder_files(bundled)
+    if is_hub_id(data) and not path.suffix:
+        folder = _hub_folder(data)
+        return None if folder is None else _folder_files(folder)
+    return None
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """sha256 of what decides the tokenizer's ids: its serialisation (or vocabulary), chat template, EOS id."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    backend = getattr(hf, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(hf.get_vocab().items()))
+    extra = json.dumps([type(hf).__name__, getattr(hf, "chat_template", None), tokenizer.eos_token_id])
+    return hashlib.sha256(body.encode() + b"\0" + extra.encode()).hexdigest()
+
+
+def _template_text(cfg: Config) -> str:
+    if cfg.chat_template in ("auto", "none"):
+        return cfg.chat_template
+    try:
+        return Path(cfg.chat_template).expanduser().read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return cfg.chat_template  # the encoder reports an unreadable template before anything is stored
+
+
+def cache_key(data: str, tokenizer: Any, cfg: Config, hf_dataset: dict[str, Any] | None) -> str | None:
+    """The entry's key (see the module docstring), or None when the cache is off or ``data`` is not found."""
+    if not enabled():
+        return None
+    files = data_files(data, hf_dataset)
+    if files is None:
+        return None
+    digest = hashlib.sha256()
+    settings = {"format": FORMAT, "data": data, "template": _template_text(cfg), "max_length": cfg.max_length,
+                "max_prompt_length": cfg.max_prompt_length, "skip_invalid": cfg.skip_invalid,
+                "hf_dataset": hf_dataset, "tokenizer": tokenizer_identity(tokenizer)}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in files:
+        digest.update(b"\0file\0" + str(path.resolve()).encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def entry_path(key: str) -> Path:
+    return cache_root() / f"{key}.npz"
+
+
+def _payload_digest(ids: np.ndarray, offsets: np.ndarray, meta: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (ids.tobytes(), offsets.tobytes(), meta):
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
+def store(key: str, encoded: Encoded) -> Path:
+    """Write the entry for ``key`` atomically; returns its path."""
+    sequences: list[list[int]] = []
+    splits = {}
+    for split, examples in encoded.splits.items():
+        rows = []
+        for ex in examples:
+            sequences += [ex.prompt, ex.chosen, ex.rejected] + ([ex.anchor] if ex.anchor is not None else [])
+            rows.append([ex.index, ex.source, ex.messages, ex.prompt_truncated, ex.responses_truncated,
+                         ex.texts, ex.dropped_turns, ex.anchor is not None])
+        splits[split] = rows
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.fromiter((t for s in sequences for t in s), dtype=np.int32, count=int(offsets[-1]))
+    meta = json.dumps({"format": FORMAT, "splits": splits, "invalid": dict(encoded.invalid),
+                       "notes": encoded.notes, "name": encoded.name, "kind": encoded.kind},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+    digest = _payload_digest(ids, offsets, meta)
+    path = entry_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, offsets=offsets, meta=np.frombuffer(meta, dtype=np.uint8),
+                     digest=np.frombuffer(digest.encode(), dtype=np.uint8))
+
+    atomic_write(path, write)
+    return path
+
+
+class CorruptEntry(Exception):
+    """An entry that does not load or does not match its digest (never trusted)."""
+
+
+def _read(path: Path, example: Callable[..., Any]) -> Encoded:
+    try:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
+            ids, offsets, meta = z["ids"], z["offsets"], z["meta"].tobytes()
+            digest = z["digest"].tobytes().decode()
+        if digest != _payload_digest(ids, offsets, meta):
+            raise CorruptEntry("its digest does not match its content")
+        info = json.loads(meta)
+    except CorruptEntry:
+        raise
+    except Exception as err:  # a truncated or garbled zip raises many kinds
+        raise CorruptEntry(f"{type(err).__name__}: {err}") from None
+    if info.get("format") != FORMAT:
+        raise CorruptEntry(f"format {info.get('format')} is not {FORMAT}")
+    flat = ids.tolist()
+    bounds = offsets.tolist()
+    cursor = 0
+
+    def take() -> list[int]:
+        nonlocal cursor
+        cursor += 1
+        return flat[bounds[cursor - 1]:bounds[cursor]]
+
+    splits: dict[str, list[Any]] = {}
+    try:
+        for split, rows in info["splits"].items():
+            out = []
+            for index, source, messages, prompt_cut, cuts, texts, dropped, has_anchor in rows:
+                prompt, chosen, rejected = take(), take(), take()
+                out.append(example(index=index, source=source, messages=messages, prompt=prompt, chosen=chosen,
+                                   rejected=rejected, anchor=take() if has_anchor else None,
+                                   prompt_truncated=prompt_cut, responses_truncated=cuts, texts=texts,
+                                   dropped_turns=dropped))
+            splits[split] = out
+    except (ValueError, TypeError, IndexError, KeyError) as err:
+        raise CorruptEntry(f"malformed content ({type(err).__name__}: {err})") from None
+    if cursor != len(bounds) - 1:
+        raise CorruptEntry(f"{len(bounds) - 1 - cursor} token sequences left over")
+    return Encoded(splits, Counter(info["invalid"]), list(info["notes"]), info["name"], info["kind"])
+
+
+def cached(key: str | None, encode: Callable[[], Encoded], example: Callable[..., Any]) -> Encoded:
+    """The entry for ``key`` when it loads and checks out, else ``encode()`` (stored under ``key``).
+
+    ``example`` builds one Example from its fields. A note says which happened;
+    a corrupt or stale entry is named in a note and rewritten.
+    """
+    if key is None:
+        return encode()
+    path = entry_path(key)
+    problem = None
+    if path.is_file():
+        try:
+            hit = _read(path, example)
+            hit.notes = hit.notes + [f"encoded dataset read from the cache ({path}; "
+                                     f"{DISABLE}=1 re-encodes without it)"]
+            return hit
+        except CorruptEntry as err:
+            problem = f"ignored the corrupt encoded-dataset cache entry {path} ({err}); re-encoded and rewrote it"
+    fresh = encode()
+    written = store(key, fresh)
+    fresh.notes = fresh.notes + ([problem] if problem else []) + [f"encoded dataset cached in {written}"]
+    return fresh
