@@ -49,10 +49,10 @@ def hh_row(rng: random.Random) -> dict[str, Any]:
     """One HH-like pair: 1-3 earlier exchanges, a last human turn, two different answers."""
     turns: list[tuple[str, str]] = []
     for _ in range(rng.choice((0, 0, 1, 1, 2))):
-        turns += [("Human", sentence(rng, 4, 18)), ("Assistant", sentence(rng, 6, 30))]
-    turns.append(("Human", sentence(rng, 4, 20)))
-    chosen = transcript(turns + [("Assistant", sentence(rng, 5, 40))])
-    rejected = transcript(turns + [("Assistant", sentence(rng, 3, 30))])
+        turns += [("Human", sentence(rng, 6, 30)), ("Assistant", sentence(rng, 10, 50))]
+    turns.append(("Human", sentence(rng, 6, 36)))
+    chosen = transcript(turns + [("Assistant", sentence(rng, 12, 100))])
+    rejected = transcript(turns + [("Assistant", sentence(rng, 8, 80))])
     return {"chosen": chosen, "rejected": rejected}
 
 

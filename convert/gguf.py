@@ -16,7 +16,6 @@ metadata with the ``tokenizers`` library.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -33,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tidpo_mlx.errors import ConvertError, MissingFileError, first_line
+from tidpo_mlx.files import cache_root, locked
 
 # Bump when the output of ``gguf_to_mlx`` changes: old cache entries are then ignored.
 CONVERTER_VERSION = 1
@@ -843,14 +843,6 @@ def gguf_to_mlx(gguf_path, out_dir) -> Path:
     return out_dir
 
 
-def cache_root() -> Path:
-    """``$TIDPO_MLX_CACHE``, else ``$XDG_CACHE_HOME/tidpo-mlx``, else ``~/.cache/tidpo-mlx``."""
-    root = os.environ.get("TIDPO_MLX_CACHE")
-    if root:
-        return Path(root).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tidpo-mlx"
-
-
 def cached_mlx_folder(gguf_path) -> Path:
     """The MLX folder for ``gguf_path``, converted once into the cache.
 
@@ -867,15 +859,11 @@ def cached_mlx_folder(gguf_path) -> Path:
     folder = root / f"{gguf_path.stem}-{digest[:12]}"
     if (folder / "config.json").is_file():
         return folder
-    with open(root / f"{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (folder / "config.json").is_file():
-                if folder.exists():  # not ours: a folder without config.json
-                    shutil.rmtree(folder)
-                gguf_to_mlx(gguf_path, folder)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with locked(root / f"{folder.name}.lock"):
+        if not (folder / "config.json").is_file():
+            if folder.exists():  # not ours: a folder without config.json
+                shutil.rmtree(folder)
+            gguf_to_mlx(gguf_path, folder)
     return folder
 
 

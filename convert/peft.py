@@ -7,8 +7,10 @@ layers. A PEFT LoRA folder holds ``adapter_model.safetensors``
 (``base_model.model.<module path>.lora_A.weight`` of shape (r, in) and ``lora_B.weight``
 of shape (out, r)) and ``adapter_config.json``; PEFT computes
 ``y = W x + (lora_alpha / r) * B A x``. So ``A = lora_a.T``, ``B = lora_b.T`` and
-``lora_alpha = scale * r``. mlx-lm module paths of the supported text models (llama,
-qwen2, mistral, ...) are the Hugging Face ones, so keys map one to one.
+``lora_alpha = scale * r``. mlx-lm module paths of the tested text models (llama,
+mistral, qwen2, qwen3, phi3 with its fused ``qkv_proj`` / ``gate_up_proj``, gemma2,
+gemma3_text, olmo2, granite, cohere, smollm3: ``tests/test_families.py``) are the
+Hugging Face ones, so keys map one to one.
 
 ``to_peft`` also stores the original mlx-lm adapter config in the safetensors metadata
 (PEFT ignores it), so ``from_peft(to_peft(a))`` gives back ``a`` exactly.

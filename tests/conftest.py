@@ -8,6 +8,7 @@ included), and the models are mlx-lm ``llama`` / ``qwen2`` with random weights.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import tidpo_mlx  # noqa: F401  (loads the fast BLAS before mlx)
@@ -16,6 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
+
+from tidpo_mlx import data_cache
+
+# Tests never write to the user's encoded-dataset cache; tests/test_data_cache.py turns it on in a tmp folder.
+os.environ.setdefault(data_cache.DISABLE, "1")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

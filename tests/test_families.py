@@ -158,7 +158,7 @@ def test_family_trains_attributes_exports_and_generates(family, data_dir, tmp_pa
     peft_dir = to_peft(result.adapter_path, tmp_path / "peft")
     hf_tuned, hf_base = _peft_logits(folder, peft_dir), _peft_logits(folder, None)
     assert _relative(hf_tuned, hf_base) > 1e-3  # the adapter matters
-    assert _relative(ours, theirs) < 1e-5
+    assert _relative(ours, theirs) < 1e-4
     assert _relative(ours, hf_tuned) < TOLERANCE.get(family, 1e-4)
 
     # importance: finite, non-zero attribution on every response token

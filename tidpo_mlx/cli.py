@@ -120,6 +120,8 @@ main.add_command(experiment_command, "experiment")
 main.add_command(convert_group, "convert")
 from tidpo_mlx.data_check import data as data_group  # noqa: E402  (registered here, with its command)
 main.add_command(data_group, "data")
+from tidpo_mlx.audit_command import audit_command  # noqa: E402  (registered here, with its command)
+main.add_command(audit_command, "audit")
 
 
 if __name__ == "__main__":

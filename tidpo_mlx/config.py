@@ -116,6 +116,11 @@ class Config:
     grad_accumulation_steps: int = _doc("Micro-batches per optimizer step.", default=1)
     max_grad_norm: float = _doc("Clip the global gradient norm (0: off).", default=1.0)
     grad_checkpoint: bool = _doc("Recompute block activations in the backward pass.", default=False)
+    logits_chunk: int = _doc(
+        "Response positions per chunk of the LM head and log-softmax, recomputed in the backward pass so the "
+        "(rows x positions x vocabulary) logits are never all in memory (0: all at once).",
+        default=256,
+    )
     steps_per_report: int = _doc("Progress-bar refresh of averaged metrics.", default=1)
     steps_per_eval: int = _doc("Held-out eval every N steps (0: before and after only).", default=0)
     val_batches: int = _doc(
@@ -315,8 +320,8 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: '{key}' must be > 0")
     if cfg.anchor_every < 1 or cfg.anchor_max_tokens < 1:
         raise ConfigError(f"{where}: 'anchor_every' and 'anchor_max_tokens' must be >= 1")
-    if cfg.iters < 0 or cfg.warmup_steps < 0:
-        raise ConfigError(f"{where}: 'iters' and 'warmup_steps' must be >= 0")
+    if cfg.iters < 0 or cfg.warmup_steps < 0 or cfg.logits_chunk < 0:
+        raise ConfigError(f"{where}: 'iters', 'warmup_steps' and 'logits_chunk' must be >= 0")
     if cfg.max_prompt_length >= cfg.max_length:
         raise ConfigError(f"{where}: 'max_prompt_length' must be < 'max_length'")
     if cfg.chat_template not in ("auto", "none"):

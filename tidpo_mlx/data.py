@@ -289,6 +289,10 @@ class PairEncoder:
         self.notes: list[str] = []
         self.roles = ROLES + ("tool",)
         self.system_ok = True
+        self.rendered: dict[tuple[bool, str], str] = {}
+        """Templated texts of the chunk being encoded, by (generation prompt, messages)."""
+        self.tokenized: dict[tuple[str, bool], tuple[list[int], list[tuple[int, int]]]] = {}
+        """Token ids and offsets of the chunk's texts (one batched tokenizer call fills it)."""
         if cfg.chat_template not in ("auto", "none"):
             path = Path(cfg.chat_template).expanduser()
             try:
@@ -311,10 +315,6 @@ class PairEncoder:
                 self.notes.append("the chat template refuses a system role: system text is merged into the "
                                   "first user turn (separated by a blank line)")
         self.eos = tokenizer.eos_token_id
-        self.rendered: dict[tuple[bool, str], str] = {}
-        """Templated texts of the chunk being encoded, by (generation prompt, messages)."""
-        self.tokenized: dict[tuple[str, bool], tuple[list[int], list[tuple[int, int]]]] = {}
-        """Token ids and offsets of the chunk's texts (one batched tokenizer call fills it)."""
 
     def _tokens(self, text: str, special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
         hit = self.tokenized.get((text, special))
@@ -323,13 +323,16 @@ class PairEncoder:
         enc = self.hf(text, add_special_tokens=special, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
+    @property
+    def _template_kwargs(self) -> dict[str, str]:
+        return {"chat_template": self.template} if self.template is not None else {}
+
     def _render(self, messages: Messages, generation_prompt: bool) -> str:
         key = (generation_prompt, repr(messages))
         hit = self.rendered.get(key)
         if hit is None:
-            kwargs = {"chat_template": self.template} if self.template is not None else {}
             hit = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                              **kwargs)
+                                              **self._template_kwargs)
             self.rendered[key] = hit
         return hit
 
@@ -338,7 +341,6 @@ class PairEncoder:
 
         A batch the template refuses is left to the per-text renders (which name the pair).
         """
-        kwargs = {"chat_template": self.template} if self.template is not None else {}
         todo: dict[bool, dict[str, Messages]] = {True: {}, False: {}}
         for pair in pairs:
             try:
@@ -354,7 +356,8 @@ class PairEncoder:
                 continue
             try:
                 texts = self.hf.apply_chat_template([conversations[k] for k in keys], tokenize=False,
-                                                    add_generation_prompt=generation_prompt, **kwargs)
+                                                    add_generation_prompt=generation_prompt,
+                                                    **self._template_kwargs)
             except Exception:  # a conversation the template refuses: _render meets it alone
                 continue
             self.rendered.update({(generation_prompt, k): t for k, t in zip(keys, texts)})

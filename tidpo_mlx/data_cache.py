@@ -23,6 +23,8 @@ cache off.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -30,11 +32,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from tidpo_mlx.config import Config
+from tidpo_mlx import files
 from tidpo_mlx.files import atomic_write
 from tidpo_mlx.sources import SUFFIXES, bundled_folder, is_hub_id
 
@@ -42,6 +45,8 @@ FORMAT = 1
 """Version of the entry layout and of the encoding rules: bump when either changes."""
 DISABLE = "TIDPO_MLX_NO_ENCODE_CACHE"
 CHUNK = 1 << 20
+DATA_SUFFIXES = SUFFIXES + (".arrow",)
+"""Files a folder's key hashes (``save_to_disk`` folders: Arrow files and their JSON state)."""
 
 
 @dataclass
@@ -56,9 +61,8 @@ class Encoded:
 
 
 def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/tidpo-mlx/encoded`` (default ``~/.cache/tidpo-mlx/encoded``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(root) / "tidpo-mlx" / "encoded"
+    """The encoded datasets' folder: ``encoded/`` in tidpo-mlx's cache (``files.cache_root``)."""
+    return files.cache_root() / "encoded"
 
 
 def enabled() -> bool:
@@ -67,8 +71,8 @@ def enabled() -> bool:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """Every non-hidden file under ``folder`` (a superset of what loading reads from it)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
+    """Every non-hidden data file under ``folder`` (JSON, parquet, Arrow): a superset of what loading reads."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -226,6 +230,18 @@ def _read(path: Path, example: Callable[..., Any]) -> Encoded:
     return Encoded(splits, Counter(info["invalid"]), list(info["notes"]), info["name"], info["kind"])
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Cyclic garbage collection paused: building ~10^6 new objects otherwise triggers many full passes."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def cached(key: str | None, encode: Callable[[], Encoded], example: Callable[..., Any]) -> Encoded:
     """The entry for ``key`` when it loads and checks out, else ``encode()`` (stored under ``key``).
 
@@ -238,7 +254,8 @@ def cached(key: str | None, encode: Callable[[], Encoded], example: Callable[...
     problem = None
     if path.is_file():
         try:
-            hit = _read(path, example)
+            with _no_gc():
+                hit = _read(path, example)
             hit.notes = hit.notes + [f"encoded dataset read from the cache ({path}; "
                                      f"{DISABLE}=1 re-encodes without it)"]
             return hit

@@ -92,6 +92,14 @@ def write_jsonl(target: str | Path, records: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, text)
 
 
+def cache_root() -> Path:
+    """tidpo-mlx's cache: ``$TIDPO_MLX_CACHE``, else ``$XDG_CACHE_HOME/tidpo-mlx``, else ``~/.cache/tidpo-mlx``."""
+    root = os.environ.get("TIDPO_MLX_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tidpo-mlx"
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing) inside this block."""

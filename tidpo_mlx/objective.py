@@ -4,8 +4,9 @@ A batch stacks the chosen, rejected (and anchor) sequences of B pairs; its
 :class:`~tidpo_mlx.batching.Layout` says which. The policy ``pi`` and the
 reference ``ref`` run from the same input embeddings ``E``; the reference is
 the same model in ``reference_mode``. Logits are computed only at the
-positions that predict response tokens. How the model runs is the
-forward's business (``forward.py``).
+positions that predict response tokens, ``logits_chunk`` of them at a time
+(``logprobs.py``), so the (N, R, V) log-softmax is never materialised. How
+the model runs is the forward's business (``forward.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tidpo_mlx.batching import Layout
 from tidpo_mlx.config import Config
 from tidpo_mlx.forward import Forward
 from tidpo_mlx.importance import attribution, response_weights, span_weights, weights_entropy
+from tidpo_mlx.logprobs import Head, head_parameters, token_logprobs, token_logprobs_kl
 from tidpo_mlx.models import eval_mode, reference_mode
 
 PER_PAIR_KEYS = (
@@ -34,36 +36,77 @@ PER_PAIR_KEYS = (
 """Per-pair arrays :func:`batch_objective` returns (``kl_*`` for tdpo losses only)."""
 
 
-def response_logprobs(
-    fwd: Forward, inputs: mx.array, batch: dict[str, mx.array], rows: slice, full: bool
-) -> tuple[mx.array, mx.array | None]:
-    """Per-token ``log pi(y_t | x, y_<t)`` (N, R) of the rows ``rows``, and the full log-softmax (N, R, V) if ``full``.
+def response_hidden(fwd: Forward, inputs: mx.array, batch: dict[str, mx.array], rows: slice) -> mx.array:
+    """Final hidden states (N, R, D) of the rows ``rows`` at the positions that predict their response tokens.
 
     The logits for response token t come from the position before it; the
     hidden states are gathered there before the LM head.
     """
     h = fwd.hidden(inputs, batch, rows)
-    pos = batch["resp_pos"][rows]
-    h = mx.take_along_axis(h, (pos - 1)[..., None], axis=1)
-    logits = fwd.logits(h).astype(mx.float32)
-    targets = mx.take_along_axis(batch["tokens"][rows], pos, axis=1)
-    logz = mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1) - logz
-    logp = picked[..., 0] * batch["resp_mask"][rows]
-    return logp, (logits - logz if full else None)
+    return mx.take_along_axis(h, (batch["resp_pos"][rows] - 1)[..., None], axis=1)
+
+
+def response_logprobs(
+    fwd: Forward,
+    inputs: mx.array,
+    batch: dict[str, mx.array],
+    rows: slice,
+    full: bool = False,
+    chunk: int = 0,
+    reference: bool = False,
+) -> tuple[mx.array, tuple[mx.array, mx.array | None] | None]:
+    """Per-token ``log pi(y_t | x, y_<t)`` (N, R) of the rows ``rows``, in the model's current mode.
+
+    With ``reference`` (or ``full``) also ``(log ref(y_t | x, y_<t), KL_t)``:
+    the reference's per-token log-probs (no gradient) and, with ``full``, the
+    per-token ``KL(ref || pi)`` over the full vocabulary (N, R) whose sum is
+    SPEC section 4's ``KL(y)``; else None. The LM head runs over ``chunk``
+    response positions at a time (``logprobs.py``; 0: all at once), so the
+    (N, R, V) logits are never all alive. Padding positions are 0.
+    """
+    mask = batch["resp_mask"][rows]
+    targets = mx.take_along_axis(batch["tokens"][rows], batch["resp_pos"][rows], axis=1)
+    h = response_hidden(fwd, inputs, batch, rows)
+    head = Head(fwd.logits, fwd.model, head_parameters(fwd.model))
+    if not (reference or full):
+        return token_logprobs(head, h, targets, chunk) * mask, None
+    with reference_mode(fwd.model):
+        h_ref = mx.stop_gradient(response_hidden(fwd, inputs, batch, rows))
+
+    def ref_head(x: mx.array) -> mx.array:
+        with reference_mode(fwd.model):
+            return fwd.logits(x)
+
+    if full:
+        logp, ref_logp, kl = token_logprobs_kl(head, h, ref_head, h_ref, targets, chunk)
+        return logp * mask, (ref_logp * mask, kl * mask)
+    ref_logp = mx.stop_gradient(token_logprobs(ref_head, h_ref, targets, chunk))
+    return token_logprobs(head, h, targets, chunk) * mask, (ref_logp * mask, None)
 
 
 def batch_logprobs(
-    fwd: Forward, batch: dict[str, mx.array], inputs: mx.array, layout: Layout, full: bool
-) -> tuple[mx.array, mx.array | None]:
-    """Per-token log-probs of all rows (N, R), one forward per row group of the layout.
+    fwd: Forward,
+    batch: dict[str, mx.array],
+    inputs: mx.array,
+    layout: Layout,
+    full: bool = False,
+    chunk: int = 0,
+    reference: bool = False,
+) -> tuple[mx.array, tuple[mx.array, mx.array | None] | None]:
+    """:func:`response_logprobs` of all rows (N, R), one forward per row group of the layout.
 
     The pair rows run as their own forward, the very one the attribution
-    runs, so a compiled step computes it once; the anchor rows run apart. The
-    full log-softmax (if ``full``) is that of the pair rows.
+    runs, so a compiled step computes it once; the anchor rows run apart.
+    The per-token KL (if ``full``) is that of the pair rows only.
     """
-    outs = [response_logprobs(fwd, inputs[r], batch, r, full and i == 0) for i, r in enumerate(layout.groups)]
-    return mx.concatenate([o[0] for o in outs]), outs[0][1]
+    outs = [
+        response_logprobs(fwd, inputs[r], batch, r, full and i == 0, chunk, reference or full)
+        for i, r in enumerate(layout.groups)
+    ]
+    logp = mx.concatenate([o[0] for o in outs])
+    if not (reference or full):
+        return logp, None
+    return logp, (mx.concatenate([o[1][0] for o in outs]), outs[0][1][1])
 
 
 def token_weights(fwd: Forward, cfg: Config, batch: dict[str, mx.array], inputs: mx.array, rows: int) -> dict[str, mx.array]:
@@ -105,14 +148,13 @@ def batch_objective(
     mask = batch["resp_mask"]
     m_c, m_r = mask[:b], mask[b: 2 * b]
     inputs = fwd.embed(batch)
-    logp, logp_full = batch_logprobs(fwd, batch, inputs, layout, spec.full_kl)
+    logp, ref = batch_logprobs(fwd, batch, inputs, layout, spec.full_kl, cfg.logits_chunk, spec.reference)
 
     aux: dict[str, mx.array] = {}
     trip = mx.zeros((b,))
     if spec.reference:
-        with reference_mode(fwd.model):
-            ref_logp, ref_full = batch_logprobs(fwd, batch, inputs, layout, spec.full_kl)
-        rho = logp - mx.stop_gradient(ref_logp)
+        ref_logp, kl_tokens = ref
+        rho = logp - ref_logp
         w = token_weights(fwd, cfg, batch, inputs, 2 * b)["weights"]
         w_c, w_r = w[:b], w[b:]
         rho_c, rho_r = rho[:b], rho[b: 2 * b]
@@ -120,7 +162,7 @@ def batch_objective(
         avg_margin = losses.weighted_mean(rho_c, w_c, m_c) - losses.weighted_mean(rho_r, w_r, m_r)
         terms = {"margin": margin, "avg_margin": avg_margin}  # lazy: a loss that reads neither costs nothing
         if spec.full_kl:
-            kl = fwd.sequence_kl(logp_full[: 2 * b], mx.stop_gradient(ref_full[: 2 * b]), mask[: 2 * b])
+            kl = kl_tokens.sum(axis=-1)
             terms["kl_chosen"], terms["kl_rejected"] = aux["kl_chosen"], aux["kl_rejected"] = kl[:b], kl[b:]
         pref = spec.loss(losses.PairTerms(**terms), cfg)
         sum_rho = (rho * mask).sum(axis=-1)
