@@ -75,9 +75,10 @@ def test_two_ranks_equal_one_process(tiny_model, data_dir, tmp_path):
 
 
 def test_two_ranks_resume(tiny_model, data_dir, tmp_path):
-    first = _launch(_train_args(tiny_model, data_dir, tmp_path / "r", 4, ["--iters", "2"]))
+    constant = ["--lr-schedule", "constant"]  # extending iters under a decaying schedule needs --force
+    first = _launch(_train_args(tiny_model, data_dir, tmp_path / "r", 4, ["--iters", "2", *constant]))
     assert first.returncode == 0, first.stderr[-2000:]
-    again = _launch(_train_args(tiny_model, data_dir, tmp_path / "r", 4, ["--iters", "4", "--resume"]))
+    again = _launch(_train_args(tiny_model, data_dir, tmp_path / "r", 4, ["--iters", "4", "--resume", *constant]))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "start at step 2 of 4" in again.stdout
     steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()

@@ -127,15 +127,16 @@ def _chunked(
         h, params, *ref_h = primals
         h, *ref_h = mx.depends([h, *ref_h], list(cotangents))
         names = list(params)
-        d_hidden = []
+        d_hidden: list[mx.array] = []
         d_params = tree_map(mx.zeros_like, params)
+        grads: list[mx.array] = []
         for s in spans:
             def fn(h_s: mx.array, *p: mx.array, s: slice = s) -> list[mx.array]:
                 part = dict(zip(names, p))
                 ref_s = tuple(r[s] for r in ref_h)
                 return list(_terms(head, part, h_s, targets[s], ref_head, ref_s[0] if ref_s else None))
 
-            h_s = mx.depends(h[s], d_hidden[-1]) if d_hidden else h[s]
+            h_s = mx.depends(h[s], grads) if grads else h[s]
             _, grads = mx.vjp(fn, [h_s, *params.values()], [c[s] for c in cotangents])
             d_hidden.append(grads[0])
             d_params = {k: d_params[k] + g for k, g in zip(names, grads[1:])}
