@@ -24,7 +24,8 @@ def report(data: Dataset, tokenizer: Any, echo: Callable[[str], None] = click.ec
         echo(f"tokens of {name}: median {p[0]}, p90 {p[1]}, p99 {p[2]}, max {p[3]}")
     echo(f"truncated: {data.truncated_prompts} prompts, {data.truncated_responses} responses; dropped turns: "
          f"{data.dropped_turns} messages in {data.pairs_with_dropped_turns} pairs")
-    echo(f"invalid rows skipped: {data.skipped}" + "".join(f"\n  {n} x {r}" for r, n in data.invalid.items()))
+    echo(f"invalid rows: {data.skipped} (training stops on them unless --skip-invalid drops them)"
+         + "".join(f"\n  {n} x {r}" for r, n in data.invalid.items()))
     keys = Counter((tuple(e.prompt), tuple(e.chosen), tuple(e.rejected)) for e in every)
     echo(f"exact duplicate pairs: {sum(n - 1 for n in keys.values() if n > 1)}")
     echo("first training pair as templated, response tokens in [[ ]]:")
@@ -45,19 +46,20 @@ def data() -> None:
 @click.option("--data", "data_spec", default=None, help="Folder, file, bundled name or Hub dataset id. [default: the recipe's]")
 @click.option("-c", "--config", "recipe", default=None, help="Recipe YAML (path or bundled name). [default: quickstart]")
 @click.option("--model", default=None, help="Model whose tokenizer and chat template apply. [default: the recipe's]")
-@click.option("--skip-invalid", is_flag=True, default=None, help="Report invalid rows as skipped instead of stopping.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def check(data_spec: str | None, recipe: str | None, model: str | None, skip_invalid: bool | None, debug: bool) -> None:
-    """Counts, token lengths, truncation, invalid rows and duplicates of --data, loading only the tokenizer."""
+def check(data_spec: str | None, recipe: str | None, model: str | None, debug: bool) -> None:
+    """Counts, token lengths, truncation, invalid rows and duplicates of --data, loading only the tokenizer.
+
+    Invalid rows are counted by reason (with their first places) instead of stopping, as
+    ``--skip-invalid`` would drop them.
+    """
 
     def job() -> None:
-        from mlx_lm.utils import load_tokenizer
-
         from tidpo_mlx.config import load_config
         from tidpo_mlx.data import load_dataset
-        from tidpo_mlx.models import resolve_model
+        from tidpo_mlx.models import load_tokenizer, resolve_model
 
-        cfg = load_config(recipe, {"data": data_spec, "model": model, "skip_invalid": skip_invalid or None})
+        cfg = load_config(recipe, {"data": data_spec, "model": model, "skip_invalid": True})
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         report(load_dataset(cfg.data, tokenizer, cfg), tokenizer)
 

@@ -234,6 +234,13 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a model folder, with the eos ids of its ``config.json`` (no weights read)."""
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    return mlx_lm_load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
+
+
 def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, list[str]]:
     """Load model + tokenizer with mlx-lm; return (model, tokenizer, notes for the log).
 
@@ -242,14 +249,13 @@ def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, lis
     false; on a GPU it stays quantized unless forced. How the model then runs
     is the forward's business (``forward.make_forward``).
     """
-    from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+    from mlx_lm.utils import dequantize_model, load_model
 
-    config = _read_config(path)
     try:
-        model, config = load_model(path, model_config=rope_fix(config))
+        model, _ = load_model(path, model_config=rope_fix(_read_config(path)))
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise ModelError(f"{path}: mlx-lm cannot load this model ({err})") from None
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = load_tokenizer(path)
     notes = []
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     if quantized and (dequantize == "true" or (dequantize == "auto" and on_cpu())):

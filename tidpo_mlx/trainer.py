@@ -39,7 +39,9 @@ from tidpo_mlx.evaluation import HeldOut, pad_id_of
 from tidpo_mlx.files import atomic_write_text
 from tidpo_mlx.forward import Forward, make_forward
 from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb
-from tidpo_mlx.models import adapter_config, attach_trainable, load_adapter_weights, load_base, resolve_model, save_adapters
+from tidpo_mlx.models import (
+    adapter_config, attach_trainable, load_adapter_weights, load_base, load_tokenizer, resolve_model, save_adapters,
+)
 from tidpo_mlx.objective import batch_objective
 from tidpo_mlx.seeds import MICRO_BATCH, derive_seed
 
@@ -227,14 +229,6 @@ class Run:
         return [next(ahead) for _ in range(count)]
 
 
-def load_tokenizer_of(model_path: Path) -> Any:
-    """The tokenizer of a model folder, with the eos ids of its ``config.json`` (no weights read)."""
-    from mlx_lm.utils import load_tokenizer
-
-    config = json.loads((model_path / "config.json").read_text())
-    return load_tokenizer(model_path, eos_token_ids=config.get("eos_token_id"))
-
-
 def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse", force: bool = False,
             log: Callable[[str], None] = print) -> Run:
     """Check the output folder, data and (with ``resume``) the checkpoint, then load weights and optimizer.
@@ -259,7 +253,7 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
     mx.random.seed(cfg.seed)
 
     model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer_of(model_path)
+    tokenizer = load_tokenizer(model_path)
     data = load_dataset(cfg.data, tokenizer, cfg)
     log(
         f"data: {cfg.data}: {len(data.train)} train, {len(data.valid)} valid pairs; "
