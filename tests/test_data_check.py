@@ -16,14 +16,12 @@ def test_data_check_reports_counts_invalid_rows_and_a_marked_pair(tmp_path, tiny
     write_jsonl(tmp_path / "d" / "train.jsonl", [good, good, dict(good, chosen=""), dict(good, prompt="Hi")])
     write_jsonl(tmp_path / "d" / "valid.jsonl", [good])
     args = ["data", "check", "--data", str(tmp_path / "d"), "--model", str(tiny_model)]
-    stopped = CliRunner().invoke(main, args)
-    assert stopped.exit_code == 1 and "train.jsonl:3: 'chosen' is empty" in stopped.output
-    assert "--skip-invalid" in stopped.output
-    result = CliRunner().invoke(main, args + ["--skip-invalid"])
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     out = result.output
+    assert "train.jsonl:3: 'chosen' is empty" in out
     assert "3 train, 1 valid, 0 test pairs" in out
-    assert "invalid rows skipped: 1\n  1 x 'chosen' is empty" in out
+    assert "invalid rows: 1 (training stops on them unless --skip-invalid drops them)\n  1 x 'chosen' is empty" in out
     assert "exact duplicate pairs: 2" in out
     assert "tokens of prompt: median" in out
     assert "<|im_start|>assistant\n[[The answer is 42.<|im_end|>\n]]" in out
