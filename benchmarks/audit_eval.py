@@ -176,7 +176,7 @@ def downstream_one(args: argparse.Namespace, seed: int, noise: float, method: st
             au.write_cleaned(audit_dir, data, variant, noise, None, plain=False)
     plan = ex.make_plan(base / f"runs-{variant}", iters=args.train_iters, val_pairs=-1, methods=(method,))
     cfg = ex.run_config(plan, method, noise, seed, data)
-    settings = {**cfg.to_dict(), "variant": variant}
+    settings = json.loads(json.dumps({**cfg.to_dict(), "variant": variant}))  # tuples -> lists, as saved
     folder = Path(cfg.adapter_path)
     row = _cached(folder / "downstream.json", settings)
     if row is not None:

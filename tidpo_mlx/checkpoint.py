@@ -46,7 +46,7 @@ first) or remove (it first)."""
 
 OPERATIONAL = (
     "adapter_path", "grad_checkpoint", "steps_per_report", "steps_per_eval", "val_batches", "steps_per_save",
-    "save_total_limit", "dequantize", "plain_attention", "shared_prefix",
+    "save_total_limit", "dequantize", "plain_attention", "shared_prefix", "logits_chunk",
     # the data keys change a run only through its training pairs, which ``train_pairs`` hashes
     "data", "hf_dataset", "skip_invalid", "valid_fraction",
 )

@@ -125,7 +125,7 @@ class HeldOut:
         sums = np.zeros((2, self.pairs), dtype=np.float32)
         with eval_mode(self.fwd.model):
             for batch, layout, positions in self.batches:
-                logp, _ = batch_logprobs(self.fwd, batch, self.fwd.embed(batch), layout, full=False)
+                logp, _ = batch_logprobs(self.fwd, batch, self.fwd.embed(batch), layout, chunk=self.cfg.logits_chunk)
                 values = np.array(logp.sum(axis=-1))
                 sums[0, positions] = values[: len(positions)]
                 sums[1, positions] = values[len(positions):]

@@ -15,8 +15,6 @@ the vocabulary logits. The core only ever calls these methods:
   norm) of the batch rows ``rows``, given the ``inputs`` of exactly those rows.
 - ``logits(h)``: the model's own head (tied or not) with its post-head
   transforms, on hidden states of any leading shape (gathered positions).
-- ``sequence_kl(policy, ref, mask)``: ``sum_t KL(ref || pi)`` over response
-  tokens, from log-softmax arrays (N, R, V).
 - ``token_count(batch, layout)``: non-pad tokens of the whole sequences.
 - ``whole_rows()``: the same model's forward over whole rows (views that need
   every position).
@@ -35,7 +33,6 @@ from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.tuner.losses import kl_div_loss
 
 from tidpo_mlx.batching import Layout, Rows
 from tidpo_mlx.config import Config
@@ -154,10 +151,6 @@ class Forward:
         """The model's own head and post-head transforms on ``hidden`` (any leading shape, e.g. gathered positions)."""
         with given_output(self.inner, hidden, hidden.shape):
             return self.model(hidden)
-
-    def sequence_kl(self, policy_logprobs: mx.array, ref_logprobs: mx.array, mask: mx.array) -> mx.array:
-        """``KL(y) = sum_t KL(ref(.|x, y_<t) || pi(.|x, y_<t))`` with mlx-lm's (Metal-fused) kernel."""
-        return (kl_div_loss(policy_logprobs, ref_logprobs) * mask).sum(axis=-1)
 
     def token_count(self, batch: dict[str, mx.array], layout: Layout) -> mx.array:
         """Non-pad tokens of all rows as whole sequences (as mlx-lm counts)."""

@@ -62,8 +62,9 @@ def simpo_loss(avg_logp_chosen: mx.array, avg_logp_rejected: mx.array, beta: flo
 def sequence_kl(policy_logprobs: mx.array, ref_logprobs: mx.array, mask: mx.array) -> mx.array:
     """``KL(y) = sum_t KL(ref(.|x, y_<t) || pi(.|x, y_<t))`` over the full vocabulary.
 
-    Inputs are log-softmax outputs (B, R, V). The reference formula; a forward
-    may compute it with a fused kernel instead (``Forward.sequence_kl``).
+    Inputs are log-softmax outputs (B, R, V). The reference formula; training
+    computes the same sums chunk by chunk over the vocabulary head
+    (``logprobs.token_logprobs_kl``), never holding (B, R, V).
     """
     per_token = (mx.exp(ref_logprobs) * (ref_logprobs - policy_logprobs)).sum(axis=-1)
     return (per_token * mask).sum(axis=-1)

@@ -49,11 +49,6 @@ class CpuForward(Forward):
         kv = prompt_pass(self.model, self.embed_tokens(batch["prompt_tokens"]))
         return response_hidden_states(self.model, inputs, Prefix(kv, batch["positions"][rows], batch["attn_mask"][rows]))
 
-    def sequence_kl(self, policy_logprobs: mx.array, ref_logprobs: mx.array, mask: mx.array) -> mx.array:
-        """The sequential KL from the log-softmaxes directly (mlx-lm's CPU path recomputes both)."""
-        per_token = (mx.exp(ref_logprobs) * (ref_logprobs - policy_logprobs)).sum(axis=-1)
-        return (per_token * mask).sum(axis=-1)
-
     def token_count(self, batch: dict[str, mx.array], layout: Layout) -> mx.array:
         """Non-pad tokens of whole sequences: a shared prompt counts once per row."""
         ntoks = batch["seq_mask"].sum()
