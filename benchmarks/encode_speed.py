@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tidpo_mlx  # noqa: F401  (fast BLAS before the first import of mlx)
+
 WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from "
          "or had by hot word but what some we can out other were all there when up use your how said an "
          "each she which do their time if will way about many then them write would like so these her long "

@@ -13,7 +13,7 @@ from tidpo_mlx import audit as au
 from tidpo_mlx.cli import main
 from tidpo_mlx.config import build_config
 from tidpo_mlx.data import Example, load_dataset
-from tidpo_mlx.trainer import load_tokenizer_of
+from tidpo_mlx.models import load_tokenizer
 
 FLIPPED = {3, 10, 17}
 TINY = ["--num-layers", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--warmup-steps", "0"]
@@ -135,7 +135,7 @@ def test_write_round_trips_the_data_format(audited, tiny_model, data_dir, tmp_pa
     out, cleaned, _ = audited
     records = _records(out)
     cfg = build_config({"model": str(tiny_model)})
-    tok = load_tokenizer_of(Path(tiny_model))
+    tok = load_tokenizer(Path(tiny_model))
     dropped = {json.loads(line)["source"] for line in (cleaned / "changes.jsonl").read_text().splitlines()}
     assert dropped == {r["source"] for r in records if r["rank"] <= 7}  # round(0.25 * 27)
     kept = load_dataset(str(cleaned), tok, cfg)

@@ -269,8 +269,8 @@ def run_audit(
     rows and run); ``folds=0`` trains nothing and scores with the reference
     (only ``ref_margin``). The caller writes the reports (:func:`write_reports`).
     """
-    from tidpo_mlx.models import load_adapter_weights, resolve_model
-    from tidpo_mlx.trainer import load_tokenizer_of, train
+    from tidpo_mlx.models import load_adapter_weights, load_tokenizer, resolve_model
+    from tidpo_mlx.trainer import train
 
     if not cfg.uses_reference:
         raise ConfigError(f"loss_type {cfg.loss_type} has no reference model: the audit needs a reference-based loss")
@@ -282,7 +282,7 @@ def run_audit(
         raise ConfigError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
     seconds: dict[str, float] = {}
     tic = time.perf_counter()
-    source, pairs, notes = read_pairs(cfg.data, load_tokenizer_of(resolve_model(cfg.model)), cfg)
+    source, pairs, notes = read_pairs(cfg.data, load_tokenizer(resolve_model(cfg.model)), cfg)
     if folds:
         for p, k in zip(pairs, assign_folds([p.example for p in pairs], folds, cfg.seed)):
             p.fold = k
