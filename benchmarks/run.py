@@ -582,19 +582,23 @@ def measure(name: str, spec: dict[str, Any], work: Path, tag: str, timeout: int)
     return result
 
 
-def measure_lockstep(names: list[str], spec: dict[str, Any], work: Path, round_: int,
-                     timeout: int) -> tuple[dict[str, dict[str, Any]], list[list[float]]]:
+def measure_lockstep(names: list[str], spec: dict[str, Any], work: Path, round_: int, timeout: int,
+                     code: dict[str, str] | None = None) -> tuple[dict[str, dict[str, Any]], list[list[float]]]:
     """Run the workers side by side, their steps 2..N in round-robin (one tool steps at a time).
 
     All processes load and take step 1 at once (not timed in the figures); from then on the
     driver hands out one step at a time: step k of every tool, then step k+1 of every tool. A
     change of load over the run then hits every tool alike, and each process keeps its own
-    clean peak memory. Returns the results and the load average at each round.
+    clean peak memory. A name ``worker@label`` runs ``worker`` with the source tree
+    ``code[label]`` first on its ``PYTHONPATH`` (another version of tidpo-mlx). Returns the
+    results and the load average at each round.
     """
     import select
 
     procs = {}
     for name in names:
+        worker, _, label = name.partition("@")
+        extra = {"PYTHONPATH": code[label]} if label else {}
         tag = f"{name.replace(':', '-')}-{round_}"
         wspec = dict(spec, adapter_path=str(work / f"out-{tag}"), log=str(work / f"{tag}.log"))
         spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
@@ -603,9 +607,9 @@ def measure_lockstep(names: list[str], spec: dict[str, Any], work: Path, round_:
         done_r, done_w = os.pipe()
         log = open(wspec["log"], "a")
         proc = subprocess.Popen(
-            [sys.executable, str(HERE), "--worker", name, "--spec", str(spec_path), "--out", str(out_path)],
+            [sys.executable, str(HERE), "--worker", worker, "--spec", str(spec_path), "--out", str(out_path)],
             stdout=log, stderr=log, pass_fds=(go_r, done_w),
-            env=worker_env(name, TIDPO_BENCH_GATE=f"{go_r},{done_w}"),
+            env=worker_env(worker, TIDPO_BENCH_GATE=f"{go_r},{done_w}", **extra),
         )
         os.close(go_r)
         os.close(done_w)
