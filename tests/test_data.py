@@ -165,3 +165,45 @@ def test_eval_subset_spreads_over_the_split():
     assert all(b - a in (3, 4) for a, b in zip(picked, picked[1:]))
     lengths = [e.length for b in subset for e in b]
     assert lengths == sorted(lengths)
+
+
+def _messy_rows(n: int) -> list[dict]:
+    """Multi-turn rows with edge whitespace, CRLF and long prompts (some cut by max_prompt_length)."""
+    rows = []
+    for i in range(n):
+        turns = []
+        for t in range(i % 4):
+            turns += [{"role": "user", "content": f"turn {t} of row {i}:" + " words" * (i % 9)},
+                      {"role": "assistant", "content": "ok  \r\n" if t % 2 else " sure"}]
+        prompt = turns + [{"role": "user", "content": "\nlast question " * (1 + i % 30) + ("  " if i % 5 else "")}]
+        rows.append({"prompt": prompt,
+                     "chosen": [{"role": "assistant", "content": f"\n\nanswer {i}" + " yes" * (i % 13)}],
+                     "rejected": [{"role": "assistant", "content": f" no {i}\r\n" * (1 + i % 3)}]})
+    return rows
+
+
+def test_batched_encoding_equals_the_tokenizers_own_calls(tmp_path, tok):
+    """encode_rows (batched, prompts read off the conversations' tokens, worker processes) gives the ids
+    that transformers' apply_chat_template + tokenizer give text by text, and the same in 1 or 2 processes."""
+    from tidpo_mlx.sources import Rows
+
+    rows = Rows([(f"f.jsonl:{i + 1}", r) for i, r in enumerate(_messy_rows(1100))], [])
+    one, bad = encoder(tok, max_prompt_length=320, max_length=480, dataset_num_proc=1).encode_rows(rows)
+    enc = encoder(tok, max_prompt_length=320, max_length=480, dataset_num_proc=2)
+    with enc.processes(len(rows.rows)):
+        assert enc.pool is not None
+        two, bad2 = enc.encode_rows(rows)
+    assert [(e.prompt, e.chosen, e.rejected, e.source) for e in one] == \
+        [(e.prompt, e.chosen, e.rejected, e.source) for e in two]
+    assert bad == bad2
+    assert len(one) + len(bad) == 1100
+    kept = [e for e in one if not e.prompt_truncated and not e.dropped_turns and not e.responses_truncated]
+    assert 100 < len(kept) < len(one), "the fixture exercises both whole and cut pairs"
+    hf = tok._tokenizer
+    for ex in kept[::7]:
+        row = rows.rows[int(ex.source.rsplit(":", 1)[1]) - 1][1]
+        prompt = hf.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert ex.prompt == hf(prompt, add_special_tokens=False)["input_ids"]
+        for key in ("chosen", "rejected"):
+            full = hf.apply_chat_template(row["prompt"] + row[key], tokenize=False)
+            assert ex.prompt + getattr(ex, key) == hf(full, add_special_tokens=False)["input_ids"]

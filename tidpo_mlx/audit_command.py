@@ -12,6 +12,7 @@ from tidpo_mlx.options import METHOD_KEYS, config_options, run_guarded
 
 AUDIT_KEYS = METHOD_KEYS + (
     "learning_rate", "lr_schedule", "warmup_steps", "batch_size", "num_layers", "skip_invalid", "valid_fraction",
+    "dataset_num_proc",
 )
 """Config keys of the audit: the method keys plus what shapes the short fold runs."""
 

@@ -48,7 +48,7 @@ OPERATIONAL = (
     "adapter_path", "grad_checkpoint", "steps_per_report", "steps_per_eval", "val_batches", "steps_per_save",
     "save_total_limit", "dequantize", "plain_attention", "shared_prefix", "logits_chunk",
     # the data keys change a run only through its training pairs, which ``train_pairs`` hashes
-    "data", "hf_dataset", "skip_invalid", "valid_fraction",
+    "data", "hf_dataset", "skip_invalid", "valid_fraction", "dataset_num_proc",
 )
 """Config keys left out of a run's fingerprint: where and how it runs, not what it computes."""
 

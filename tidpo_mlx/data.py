@@ -34,13 +34,17 @@ and records what it dropped.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
+import multiprocessing
+import os
 import re
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tidpo_mlx import data_cache
 from tidpo_mlx.config import Config
@@ -54,11 +58,14 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 MIN_VALID = 8
 """Fewest held-out pairs a made split gets (when the train split has room for them)."""
 SHOWN = 3
+"""``file:line`` s shown per reason in an invalid-row report."""
 BATCH = 512
 """Rows rendered and tokenised together (one batched fast-tokenizer call per chunk)."""
 PROGRESS_FROM = 2000
 """Encoding more rows than this shows a progress bar (stderr)."""
-"""``file:line`` s shown per reason in an invalid-row report."""
+PARALLEL_FROM = 16_000
+"""Encoding at least this many rows uses worker processes (``dataset_num_proc``, auto); fewer do not repay
+their start (importing the tokenizer libraries in each)."""
 
 
 @dataclass
@@ -269,6 +276,31 @@ def _mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int] | 
     return out
 
 
+class Tokens:
+    """A text's token ids, and their character offsets, read from the Rust encoding only when asked for
+    (a truncation mask needs them; most pairs are not cut)."""
+
+    __slots__ = ("ids", "_offsets", "_encoding", "_stop")
+
+    def __init__(self, ids: list[int], offsets: list[tuple[int, int]] | None = None, encoding: Any = None,
+                 stop: int | None = None):
+        self.ids, self._offsets, self._encoding, self._stop = ids, offsets, encoding, stop
+
+    @property
+    def offsets(self) -> list[tuple[int, int]]:
+        if self._offsets is None:
+            self._offsets = self._encoding.offsets[: self._stop]
+        return self._offsets
+
+    def prefix(self, chars: int) -> Tokens | None:
+        """The tokens of the first ``chars`` characters when a token starts exactly there (None otherwise)."""
+        enc = self._encoding
+        k = enc.char_to_token(chars) if enc is not None and self._stop is None else None
+        if k is None or enc.token_to_chars(k)[0] != chars or (k and enc.token_to_chars(k - 1)[1] > chars):
+            return None
+        return Tokens(self.ids[:k], encoding=enc, stop=k)
+
+
 def _probe(render: Any, messages: Messages, marker: str) -> bool:
     """Whether the template renders ``messages`` and shows ``marker`` (a probe of what it supports)."""
     try:
@@ -291,8 +323,8 @@ class PairEncoder:
         self.system_ok = True
         self.rendered: dict[tuple[bool, str], str] = {}
         """Templated texts of the chunk being encoded, by (generation prompt, messages)."""
-        self.tokenized: dict[tuple[str, bool], tuple[list[int], list[tuple[int, int]]]] = {}
-        """Token ids and offsets of the chunk's texts (one batched tokenizer call fills it)."""
+        self.tokenized: dict[tuple[str, bool], Tokens] = {}
+        """Tokens of the chunk's texts (one batched tokenizer call fills it)."""
         if cfg.chat_template not in ("auto", "none"):
             path = Path(cfg.chat_template).expanduser()
             try:
@@ -315,13 +347,27 @@ class PairEncoder:
                 self.notes.append("the chat template refuses a system role: system text is merged into the "
                                   "first user turn (separated by a blank line)")
         self.eos = tokenizer.eos_token_id
+        self.pool: ProcessPoolExecutor | None = None
+        """The worker processes while :meth:`processes` is open."""
 
-    def _tokens(self, text: str, special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    def _encode_texts(self, texts: list[str], special: bool) -> list[Tokens]:
+        """Token ids and character offsets of each of ``texts``, in one batched call.
+
+        Calls the Rust tokenizer under a transformers fast tokenizer directly
+        when the settings that transformers sets per call (truncation, padding,
+        splitting special tokens) are already as our calls want them: the same
+        ids and offsets, without transformers' per-text conversion.
+        """
+        rust = getattr(self.hf, "_tokenizer", None)
+        if (rust is not None and hasattr(rust, "encode_batch") and rust.truncation is None and rust.padding is None
+                and rust.encode_special_tokens == bool(getattr(self.hf, "split_special_tokens", False))):
+            return [Tokens(e.ids, encoding=e) for e in rust.encode_batch(texts, add_special_tokens=special)]
+        enc = self.hf(texts, add_special_tokens=special, return_offsets_mapping=True)
+        return [Tokens(list(ids), [tuple(o) for o in offs]) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
+    def _tokens(self, text: str, special: bool = False) -> Tokens:
         hit = self.tokenized.get((text, special))
-        if hit is not None:
-            return list(hit[0]), hit[1]
-        enc = self.hf(text, add_special_tokens=special, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        return hit if hit is not None else self._encode_texts([text], special)[0]
 
     @property
     def _template_kwargs(self) -> dict[str, str]:
@@ -368,27 +414,43 @@ class PairEncoder:
         :meth:`encode_pair` then finds them in ``tokenized`` (same ids as one call
         per text); a pair whose prompt is cut re-tokenises what it changes, and a
         pair that fails here fails the same way, with its message, in ``encode_pair``.
+        A templated prompt is not tokenised on its own where the first
+        conversation starts with it and has a token starting where it ends: its
+        tokens are then that conversation's first ones (the tokens training
+        sees), and :meth:`encode_response` checks the other completion's
+        conversation against them.
         """
         texts: dict[bool, list[str]] = {False: [], True: []}
+        prompts: list[tuple[str, str]] = []
         if self.use_template:
             self._render_all(pairs)
         for pair in pairs:
             try:
                 messages = self.prepare(pair.where, pair.prompt)
                 if self.use_template:
-                    texts[False].append(self._render(messages, True))
-                    texts[False] += [self._render(messages + c, False) for c in pair.completions.values()]
+                    conversations = [self._render(messages + c, False) for c in pair.completions.values()]
+                    prompts.append((self._render(messages, True), conversations[0]))
+                    texts[False] += conversations
                 else:
                     texts[True].append("\n\n".join(m["content"] for m in messages))
                     texts[False] += ["\n\n".join(m["content"] for m in c) for c in pair.completions.values()]
             except Exception:  # encode_pair meets and reports the same failure
                 continue
-        for special, batch in texts.items():
-            todo = [t for t in dict.fromkeys(batch) if (t, special) not in self.tokenized]
-            if todo:
-                enc = self.hf(todo, add_special_tokens=special, return_offsets_mapping=True)
-                for text, ids, offsets in zip(todo, enc["input_ids"], enc["offset_mapping"]):
-                    self.tokenized[(text, special)] = (list(ids), [tuple(o) for o in offsets])
+        self._tokenize_all(texts[False], False)
+        unaligned = []
+        for prompt, conversation in prompts:
+            head = self.tokenized[(conversation, False)].prefix(len(prompt)) if conversation.startswith(prompt) else None
+            if head is not None:
+                self.tokenized.setdefault((prompt, False), head)
+            else:
+                unaligned.append(prompt)
+        self._tokenize_all(unaligned, False)
+        self._tokenize_all(texts[True], True)
+
+    def _tokenize_all(self, texts: list[str], special: bool) -> None:
+        todo = [t for t in dict.fromkeys(texts) if (t, special) not in self.tokenized]
+        if todo:
+            self.tokenized.update(((t, special), e) for t, e in zip(todo, self._encode_texts(todo, special)))
 
     def _rendered(self, where: str, messages: Messages, generation_prompt: bool) -> str:
         try:
@@ -413,18 +475,13 @@ class PairEncoder:
             return [dict(system, role="user")] + rest
         return messages
 
-    def _prompt_tokens(self, where: str, messages: Messages) -> tuple[list[int], list[bool]]:
-        """Tokens of the templated prompt (generation prompt on) and which may be cut (non-system content)."""
+    def _prompt_tokens(self, where: str, messages: Messages) -> tuple[Tokens, str]:
+        """Tokens of the templated prompt (generation prompt on) and the text."""
         if self.use_template:
             text = self._rendered(where, messages, True)
-            ids, offsets = self._tokens(text)
-            spans = _content_spans(text, [m["content"] for m in messages], 0)
-        else:
-            text = "\n\n".join(m["content"] for m in messages)
-            ids, offsets = self._tokens(text, special=True)
-            spans = _content_spans(text, [m["content"] for m in messages], 0)
-        cuttable = [s for s, m in zip(spans, messages) if m["role"] != "system"]
-        return ids, _mask(offsets, cuttable)
+            return self._tokens(text), text
+        text = "\n\n".join(m["content"] for m in messages)
+        return self._tokens(text, special=True), text
 
     def fit_prompt(self, where: str, messages: Messages) -> tuple[Messages, list[int], int, bool]:
         """Prompt messages kept, their tokens, earliest messages dropped, and whether content was cut.
@@ -436,18 +493,21 @@ class PairEncoder:
         """
         limit = self.cfg.max_prompt_length
         dropped = 0
-        ids, cuttable = self._prompt_tokens(where, messages)
-        while len(ids) > limit:
+        tokens, text = self._prompt_tokens(where, messages)
+        while len(tokens.ids) > limit:
             start = 1 if messages[0]["role"] == "system" else 0
             nxt = next((i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"), None)
             if nxt is None:
                 break
             dropped += nxt - start
             messages = messages[:start] + messages[nxt:]
-            ids, cuttable = self._prompt_tokens(where, messages)
+            tokens, text = self._prompt_tokens(where, messages)
+        ids = list(tokens.ids)
         excess = len(ids) - limit
         if excess <= 0:
             return messages, ids, dropped, False
+        spans = _content_spans(text, [m["content"] for m in messages], 0)
+        cuttable = _mask(tokens.offsets, [s for s, m in zip(spans, messages) if m["role"] != "system"])
         cut = [i for i, c in enumerate(cuttable) if c][:excess]
         if len(cut) < excess:
             raise DataError(
@@ -474,8 +534,8 @@ class PairEncoder:
         if self.use_template:
             prompt_text = self._rendered(where, messages, True)
             full_text = self._rendered(where, messages + completion, False)
-            full, offsets = self._tokens(full_text)
-            head, _ = self._tokens(prompt_text)
+            tokens = self._tokens(full_text)
+            full, head = tokens.ids, self._tokens(prompt_text).ids
             if full[: len(head)] != head:
                 raise DataError(
                     f"{where}: the templated prompt is not a token prefix of the templated "
@@ -486,17 +546,20 @@ class PairEncoder:
             if missing:
                 raise DataError(f"{where}: the chat template does not render the '{missing[0]}' message of '{key}'")
             ids = full[len(head):]
-            content = _mask(offsets, spans)[len(head):]
         else:
-            ids, offsets = self._tokens("\n\n".join(contents))
-            content = [a < b for a, b in offsets]
+            tokens = self._tokens("\n\n".join(contents))
+            ids = list(tokens.ids)
             if self.eos is not None:
-                ids, content = ids + [self.eos], content + [False]
+                ids = ids + [self.eos]
         if not ids:
             raise DataError(f"{where}: '{key}' has no tokens")
         excess = len(prompt) + len(ids) - self.cfg.max_length
         if excess <= 0:
             return ids, False
+        if self.use_template:
+            content = _mask(tokens.offsets, spans)[len(head):]
+        else:
+            content = [a < b for a, b in tokens.offsets] + [False] * (self.eos is not None)
         cut = [i for i, c in enumerate(content) if c][-excess:]
         if len(cut) < excess or len(cut) == sum(content):
             raise DataError(
@@ -537,38 +600,98 @@ class PairEncoder:
         """Validate and tokenise one JSON row (any supported form)."""
         return self.encode_pair(index, parse_row(where, row, not self.use_template))
 
+    def encode_chunk(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[Example], list[Problem]]:
+        """Encode a chunk of rows (one batched render and tokenisation); invalid rows come back as problems."""
+        parsed: list[tuple[str, Pair | DataError]] = []
+        for where, row in rows:
+            try:
+                parsed.append((where, parse_row(where, row, not self.use_template)))
+            except DataError as err:
+                parsed.append((where, err))
+        self.prefetch([p for _, p in parsed if isinstance(p, Pair)])
+        examples, problems = [], []
+        for where, item in parsed:
+            try:
+                if isinstance(item, DataError):
+                    raise item
+                examples.append(self.encode_pair(len(examples), item))
+            except DataError as err:
+                message = str(err)
+                prefix = f"{where}: "
+                problems.append(Problem(where, message[len(prefix):] if message.startswith(prefix) else message))
+        self.rendered.clear()
+        self.tokenized.clear()
+        return examples, problems
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker process needs: the transformers tokenizer stands in for its mlx-lm wrapper."""
+        return dict(self.__dict__, tokenizer=self.hf, rendered={}, tokenized={}, pool=None)
+
+    @contextlib.contextmanager
+    def processes(self, rows: int) -> Iterator[None]:
+        """Inside this block :meth:`encode_rows` encodes in :func:`workers` processes (for ``rows`` rows in all).
+
+        The processes are spawned (a fork would copy MLX's threads), so a
+        script that loads data must guard its entry point with
+        ``if __name__ == "__main__":``, as for any spawned pool.
+        """
+        n = workers(self.cfg, rows)
+        if n <= 1:
+            yield
+            return
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                                 initargs=(self,)) as pool:
+            self.pool = pool
+            try:
+                yield
+            finally:
+                self.pool = None
+
     def encode_rows(self, rows: Rows) -> tuple[list[Example], list[Problem]]:
-        """Encode every readable row; the invalid ones come back as problems (none raised)."""
+        """Encode every readable row, in chunks of :data:`BATCH`; the invalid ones come back as problems.
+
+        Inside :meth:`processes` the chunks go to worker processes; the order
+        of the rows and every id are those of one process.
+        """
+        chunks = [rows.rows[i:i + BATCH] for i in range(0, len(rows.rows), BATCH)]
         examples, problems = [], list(rows.problems)
         bar = _progress(len(rows.rows))
-        for start in range(0, len(rows.rows), BATCH):
-            parsed: list[tuple[str, Pair | DataError]] = []
-            for where, row in rows.rows[start:start + BATCH]:
-                try:
-                    parsed.append((where, parse_row(where, row, not self.use_template)))
-                except DataError as err:
-                    parsed.append((where, err))
-            self.prefetch([p for _, p in parsed if isinstance(p, Pair)])
-            for where, item in parsed:
-                try:
-                    if isinstance(item, DataError):
-                        raise item
-                    examples.append(self.encode_pair(len(examples), item))
-                except DataError as err:
-                    message = str(err)
-                    prefix = f"{where}: "
-                    problems.append(Problem(where, message[len(prefix):] if message.startswith(prefix) else message))
-            self.rendered.clear()
-            self.tokenized.clear()
+        results = self.pool.map(_worker_chunk, chunks) if self.pool is not None else map(self.encode_chunk, chunks)
+        for chunk, (done, bad) in zip(chunks, results):
+            examples += done
+            problems += bad
             if bar is not None:
-                bar.update(len(parsed))
+                bar.update(len(chunk))
         if bar is not None:
             bar.close()
-        return examples, sorted(problems, key=lambda p: position(p.where))
+        return _reindexed(examples), sorted(problems, key=lambda p: position(p.where))
 
     def encode_file(self, path: Path) -> list[Example]:
         """All pairs of a JSONL file, in file order (the first invalid row raises)."""
         return [self.encode_row(i, where, row) for i, (where, row) in enumerate(read_jsonl(path))]
+
+
+def workers(cfg: Config, rows: int) -> int:
+    """Processes that encode ``rows`` rows: ``dataset_num_proc`` (TRL's key) when set, else the CPU count
+    (at most 8) from :data:`PARALLEL_FROM` rows on, else 1."""
+    if cfg.dataset_num_proc is not None:
+        return cfg.dataset_num_proc
+    return min(os.cpu_count() or 1, 8) if rows >= PARALLEL_FROM else 1
+
+
+_WORKER: PairEncoder | None = None
+"""The encoder of a worker process (set by :func:`_worker_start`)."""
+
+
+def _worker_start(encoder: PairEncoder) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER = encoder
+
+
+def _worker_chunk(rows: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[Example], list[Problem]]:
+    assert _WORKER is not None, "_worker_start runs first"
+    return _WORKER.encode_chunk(rows)
 
 
 def _progress(total: int) -> Any:
@@ -641,10 +764,11 @@ def encode_splits(encoder: PairEncoder, splits: dict[str, Rows], cfg: Config) ->
     encoded: dict[str, list[Example]] = {}
     problems: list[Problem] = []
     total = 0
-    for split, rows in splits.items():
-        encoded[split], bad = encoder.encode_rows(rows)
-        problems += bad
-        total += len(rows.rows) + len(rows.problems)
+    with encoder.processes(sum(len(rows.rows) for rows in splits.values())):
+        for split, rows in splits.items():
+            encoded[split], bad = encoder.encode_rows(rows)
+            problems += bad
+            total += len(rows.rows) + len(rows.problems)
     notes = list(encoder.notes)
     if problems:
         if not cfg.skip_invalid:

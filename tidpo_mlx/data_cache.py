@@ -261,7 +261,8 @@ def cached(key: str | None, encode: Callable[[], Encoded], example: Callable[...
             return hit
         except CorruptEntry as err:
             problem = f"ignored the corrupt encoded-dataset cache entry {path} ({err}); re-encoded and rewrote it"
-    fresh = encode()
-    written = store(key, fresh)
+    with _no_gc():
+        fresh = encode()
+        written = store(key, fresh)
     fresh.notes = fresh.notes + ([problem] if problem else []) + [f"encoded dataset cached in {written}"]
     return fresh
