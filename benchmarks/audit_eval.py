@@ -36,6 +36,7 @@ from tidpo_mlx import audit as au
 from tidpo_mlx import experiment as ex
 from tidpo_mlx.config import build_config, builtin_recipe_path, load_recipe
 from tidpo_mlx.data import read_jsonl, resolve_data_dir
+from tidpo_mlx.sources import resolve_source
 
 
 def auroc(suspicion: np.ndarray, positive: np.ndarray) -> float:
@@ -100,7 +101,7 @@ def audit_config(args: argparse.Namespace, data_dir: Path, seed: int) -> Any:
 
 def detect_one(args: argparse.Namespace, seed: int, noise: float) -> dict[str, Any]:
     """Audit the arith training pairs with ``noise`` flipped (flip seed ``seed``); the detection row."""
-    source = resolve_data_dir("arith")
+    source = resolve_source("arith")
     name = f"{args.recipe}-f{args.folds}-i{args.iters}-lr{args.lr or 'recipe'}-noise{round(noise * 100):02d}-seed{seed}"
     run = args.out / "detect" / name
     settings = {"recipe": args.recipe, "folds": args.folds, "iters": args.iters, "lr": args.lr, "noise": noise,
@@ -160,12 +161,12 @@ def reference_rows(args: argparse.Namespace, seeds: list[int], noise: list[float
 
 def downstream_one(args: argparse.Namespace, seed: int, noise: float, method: str, variant: str) -> dict[str, Any]:
     """Train ``method`` on the clean, noisy or audit-cleaned (drop / flip) data; the held-out row."""
-    source = resolve_data_dir("arith")
+    source = resolve_source("arith")
     base = args.out / "downstream" / f"noise{round(noise * 100):02d}-seed{seed}"
     noisy = base / "noisy"
     if not noisy.exists():
         ex.noisy_folder(source, noisy, noise, seed, -1)
-    data = {"clean": source, "noisy": noisy}.get(variant)
+    data = {"clean": Path(source.name), "noisy": noisy}.get(variant)
     if data is None:
         audit_dir = args.out / "detect" / (f"{args.recipe}-f{args.folds}-i{args.iters}-lr{args.lr or 'recipe'}"
                                           f"-noise{round(noise * 100):02d}-seed{seed}") / "audit"

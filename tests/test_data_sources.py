@@ -141,3 +141,29 @@ def test_hub_dataset_from_the_cache_offline(hub_cache, tok):
         load_dataset("org/absent", tok, CFG)
     with pytest.raises(DataError, match="no such data file or folder, bundled dataset or Hub dataset id"):
         load_dataset("./nowhere", tok, CFG)
+
+
+def test_experiment_reads_data_as_train_does(tmp_path, tok):
+    """``experiment`` takes any --data source: HH transcripts in .jsonl.gz with a .json valid split here;
+    its noisy copy flips exactly the planned pairs and trains through the same loader."""
+    from tidpo_mlx import experiment as ex
+
+    folder = tmp_path / "hh"
+    folder.mkdir()
+    rows = [{"chosen": f"\n\nHuman: What is {i} plus 30?\n\nAssistant: {i + 30}",
+             "rejected": f"\n\nHuman: What is {i} plus 30?\n\nAssistant: {i + 31}", "score": i} for i in range(40)]
+    (folder / "train.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\r\n" for r in rows).encode()))
+    (folder / "valid.json").write_text(json.dumps(rows[:6]), encoding="utf-8")
+    plan = ex.make_plan(tmp_path / "out", quick=True, data=str(folder))
+    source = ex.source_data(plan)
+    counts = ex.noisy_folder(source, tmp_path / "noisy", 0.25, 3, -1)
+    assert counts == {"train_pairs": 40, "flipped": 10, "val_pairs": 6}
+    flipped = [r for (_, r), orig in zip(read_jsonl(tmp_path / "noisy" / "train.jsonl"), rows) if r != orig]
+    assert len(flipped) == 10 and all(r["chosen"].endswith(str(r["score"] + 31)) for r in flipped)
+    data = load_dataset(str(tmp_path / "noisy"), tok, CFG)
+    assert (len(data.train), len(data.valid)) == (40, 6)
+
+    single = tmp_path / "one.jsonl"
+    write_jsonl(single, [pair(i) for i in range(20)])
+    with pytest.raises(DataError, match="needs a held-out split"):
+        ex.source_data(ex.make_plan(tmp_path / "out2", quick=True, data=str(single)))

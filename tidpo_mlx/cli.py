@@ -40,9 +40,11 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--export-peft", default=None, help="Also write the adapters as a PEFT folder here at the end.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the config and report on the data as `tidpo-mlx data check` does (tokenizer only), then stop.")
 @config_options()
 def train(recipe: str | None, resume: str | None, overwrite: bool, force: bool, verbose: bool, debug: bool, quiet: bool,
-          export_peft: str | None, **overrides: Any) -> None:
+          export_peft: str | None, dry_run: bool, **overrides: Any) -> None:
     """Train LoRA adapters with TI-DPO (or a baseline) on preference pairs.
 
     A new run into an --adapter-path that holds another run stops (--resume
@@ -67,6 +69,12 @@ def train(recipe: str | None, resume: str | None, overwrite: bool, force: bool, 
         if verbose:
             click.echo("resolved config:")
             click.echo("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=200).strip().replace("\n", "\n  "))
+        if dry_run:
+            from tidpo_mlx.data_check import check_data
+
+            check_data(cfg)
+            click.echo("dry run: no weights loaded, nothing written")
+            return
         try:
             result = run_train(cfg, resume=resume, log=click.echo, progress=not quiet, existing=existing, force=force)
         except Interrupted as stop:

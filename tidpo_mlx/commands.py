@@ -14,7 +14,6 @@ from typing import Any, Callable
 import click
 
 from tidpo_mlx import experiment as ex
-from tidpo_mlx.data import read_jsonl
 from tidpo_mlx.files import write_jsonl
 from tidpo_mlx.options import METHOD_KEYS, config_options, run_guarded
 
@@ -207,15 +206,15 @@ def experiment_command(quick, seeds, iters, out, val_pairs, methods, noise, mode
             noise=_floats(noise), model=model, data=data, overrides=_settings(settings),
             keep_adapters=keep_adapters,
         )
-        source = ex.source_folder(plan)
-        train_rows = [r for _, r in read_jsonl(source / "train.jsonl")]
-        n_valid = len(read_jsonl(source / "valid.jsonl"))
+        source = ex.source_data(plan)
+        train_rows = [r for _, r in source.splits["train"].rows]
+        n_valid = len(source.splits["valid"].rows)
         n_val = n_valid if plan.val_pairs < 0 else min(plan.val_pairs, n_valid)
         runs = len(plan.runs())
         click.echo(f"plan: {len(plan.methods)} methods ({', '.join(plan.methods)}) x {len(plan.noise)} noise levels "
                    f"({', '.join(f'{p:.0%}' for p in plan.noise)}) x {plan.seeds} seed(s) = {runs} runs of "
                    f"{plan.iters} steps")
-        click.echo(f"data: {source} ({len(train_rows)} train pairs, {n_val} of {n_valid} held-out pairs); "
+        click.echo(f"data: {source.name} ({len(train_rows)} train pairs, {n_val} of {n_valid} held-out pairs); "
                    f"model: {plan.model or 'recipe default'}; output: {plan.out}")
         no_anchor = sum(r.get("anchor") is None for r in train_rows)
         if no_anchor and any(ex.METHODS[m].overrides.get("anchor") == "sample" for m in plan.methods):

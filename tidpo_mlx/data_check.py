@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any, Callable
 
 import click
 import numpy as np
 
+from tidpo_mlx.config import Config
 from tidpo_mlx.data import Dataset, Example
 from tidpo_mlx.options import run_guarded
 
@@ -37,6 +39,15 @@ def marked(ex: Example, tokenizer: Any) -> str:
     return f"{ex.source}:\n{tokenizer.decode(ex.prompt)}[[{tokenizer.decode(ex.chosen)}]]"
 
 
+def check_data(cfg: Config, echo: Callable[[str], None] = click.echo) -> None:
+    """Load the tokenizer of ``cfg.model`` and report on ``cfg.data`` (invalid rows counted, not stopping)."""
+    from tidpo_mlx.data import load_dataset
+    from tidpo_mlx.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(cfg.model))
+    report(load_dataset(cfg.data, tokenizer, dataclasses.replace(cfg, skip_invalid=True)), tokenizer, echo)
+
+
 @click.group()
 def data() -> None:
     """Inspect preference data without loading model weights."""
@@ -56,11 +67,7 @@ def check(data_spec: str | None, recipe: str | None, model: str | None, debug: b
 
     def job() -> None:
         from tidpo_mlx.config import load_config
-        from tidpo_mlx.data import load_dataset
-        from tidpo_mlx.models import load_tokenizer, resolve_model
 
-        cfg = load_config(recipe, {"data": data_spec, "model": model, "skip_invalid": True})
-        tokenizer = load_tokenizer(resolve_model(cfg.model))
-        report(load_dataset(cfg.data, tokenizer, cfg), tokenizer)
+        check_data(load_config(recipe, {"data": data_spec, "model": model}))
 
     run_guarded(debug, job)

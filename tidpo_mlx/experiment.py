@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tidpo_mlx.config import Config, build_config, builtin_recipe_path, load_recipe
-from tidpo_mlx.data import read_jsonl, resolve_data_dir
+from tidpo_mlx.sources import Source, resolve_source
 from tidpo_mlx.errors import ConfigError, DataError, TidpoError, first_line
 from tidpo_mlx.files import write_jsonl
 
@@ -163,11 +163,15 @@ def flip_labels(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple
     return out, k
 
 
-def noisy_folder(source: Path, target: Path, fraction: float, seed: int, val_pairs: int) -> dict[str, int]:
+def noisy_folder(source: Source, target: Path, fraction: float, seed: int, val_pairs: int) -> dict[str, int]:
     """Write ``train.jsonl`` with flipped labels and ``valid.jsonl`` (untouched rows, the first
-    ``val_pairs`` of them, -1: all) into ``target``; return the counts."""
-    train = [row for _, row in read_jsonl(source / "train.jsonl")]
-    valid = [row for _, row in read_jsonl(source / "valid.jsonl")]
+    ``val_pairs`` of them, -1: all) into ``target``; return the counts.
+
+    The rows keep their form (any that ``--data`` reads: standard,
+    conversational, implicit prompt); flipping swaps ``chosen`` and ``rejected``.
+    """
+    train = [row for _, row in source.splits["train"].rows]
+    valid = [row for _, row in source.splits["valid"].rows]
     if val_pairs >= 0:
         valid = valid[:val_pairs]
     flipped_rows, k = flip_labels(train, fraction, seed)
@@ -212,9 +216,10 @@ def run_config(plan: Plan, method: str, noise: float, seed: int, data_dir: Path)
     return build_config(recipe_values, overrides, where=str(recipe))
 
 
-def _settings(cfg: Config, source: Path, plan: Plan) -> dict[str, Any]:
+def _settings(cfg: Config, source: Source, plan: Plan) -> dict[str, Any]:
     """What a finished run must match to be reused (its config, the source data, the held-out size)."""
-    return json.loads(json.dumps({**cfg.to_dict(), "data": str(source.resolve()), "val_pairs": plan.val_pairs}))
+    name = Path(source.name).resolve() if Path(source.name).exists() else source.name
+    return json.loads(json.dumps({**cfg.to_dict(), "data": str(name), "val_pairs": plan.val_pairs}))
 
 
 def run_one(cfg: Config, method: str, noise: float, counts: dict[str, int], settings: dict[str, Any],
@@ -258,18 +263,27 @@ def _cached(cfg: Config, settings: dict[str, Any]) -> dict[str, Any] | None:
     return saved.get("row") if saved.get("settings") == settings else None
 
 
-def source_folder(plan: Plan) -> Path:
-    """The data folder of the plan (default: the bundled ``arith``), checked for both splits."""
-    source = resolve_data_dir(plan.data or "arith")
-    for split in ("train.jsonl", "valid.jsonl"):
-        if not (source / split).exists():
-            raise DataError(f"{source}: missing {split}")
+def source_data(plan: Plan) -> Source:
+    """The plan's data (default: the bundled ``arith``), read as ``--data`` is (any format and source).
+
+    It needs its own held-out split: flipped labels must never reach the pairs
+    that score the runs. Unreadable lines stop it here (the runs' encoding
+    reports invalid pairs as training does).
+    """
+    source = resolve_source(plan.data or "arith")
+    if not source.splits.get("valid") or not source.splits["valid"].rows:
+        raise DataError(f"{source.name}: the experiment needs a held-out split (a valid/validation file or Hub "
+                        "split): the flipped labels must not reach the pairs that score the runs")
+    problems = [p for rows in source.splits.values() for p in rows.problems]
+    if problems:
+        raise DataError(f"{problems[0].where}: {problems[0].reason}"
+                        + (f" (and {len(problems) - 1} more unreadable rows)" if len(problems) > 1 else ""))
     return source
 
 
 def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every (seed, noise, method) of ``plan``; write results after each run; return the rows."""
-    source = source_folder(plan)
+    source = source_data(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     runs = plan.runs()
     rows: list[dict[str, Any]] = []
