@@ -38,3 +38,20 @@ def test_mlx_first_warns():
 def test_doctor_reports_blas_and_malloc():
     out = subprocess.run([sys.executable, "-m", "tidpo_mlx.cli", "doctor"], capture_output=True, text=True, check=True).stdout
     assert "blas:" in out and "malloc:     glibc" in out and "GFLOP/s" in out
+
+
+def test_openblas_build_target_is_checked_against_the_cpu():
+    """cmeel-openblas wheels are single-target builds: one for SKYLAKEX kills an AVX2-only CPU with SIGILL on
+    its first matmul, so preload asks the library for its target and loads it only where the CPU has the flags."""
+    from tidpo_mlx.backend.cpu import blas
+
+    assert blas.lacking("SKYLAKEX", {"avx2", "fma"}) == "avx512f and avx512bw"
+    assert blas.lacking("SKYLAKEX", {"avx2", "fma", "avx512f", "avx512bw"}) == ""
+    assert blas.lacking("ZEN", {"sse4_2"}) == "avx2 and fma"
+    lib = blas._find("cmeel.prefix/lib/libopenblas.so.0")
+    target, missing = blas._build_target(lib)
+    assert target in blas.NEEDS or target == "DYNAMIC_ARCH"
+    state = _run(PROBE).stdout.split("\n")[0]
+    assert state == ("unusable" if missing else "openblas")
+    # the loaded library runs a matmul in this process (no SIGILL)
+    _run("import tidpo_mlx, mlx.core as mx; a = mx.ones((64, 64)); assert (a @ a).sum().item() == 64 ** 3")

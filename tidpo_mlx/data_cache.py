@@ -27,6 +27,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections import Counter
@@ -168,7 +169,7 @@ def store(key: str, encoded: Encoded) -> Path:
         splits[split] = rows
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.fromiter((t for s in sequences for t in s), dtype=np.int32, count=int(offsets[-1]))
+    ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(offsets[-1]))
     meta = json.dumps({"format": FORMAT, "splits": splits, "invalid": dict(encoded.invalid),
                        "notes": encoded.notes, "name": encoded.name, "kind": encoded.kind},
                       ensure_ascii=False, separators=(",", ":")).encode()

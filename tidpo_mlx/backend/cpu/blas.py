@@ -156,8 +156,56 @@ def preload() -> BlasStatus:
         else:
             try:
                 origin = _load_gfortran()
-                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-                STATUS = BlasStatus("openblas", f"{lib} ({origin})")
+                build, missing = _build_target(lib)
+                if missing:
+                    STATUS = BlasStatus("unusable", f"{lib} is built for {build} only, which needs {missing}; this CPU "
+                                        f"lacks that: {REINSTALL} (MLX's reference BLAS is used meanwhile)")
+                    warnings.warn(f"tidpo_mlx: {STATUS.detail}", RuntimeWarning, stacklevel=3)
+                else:
+                    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                    STATUS = BlasStatus("openblas", f"{lib} ({build}; {origin})")
             except OSError as err:
                 STATUS = BlasStatus("failed", str(err))
     return STATUS
+
+
+NEEDS = {
+    "SKYLAKEX": ("avx512f", "avx512bw"), "COOPERLAKE": ("avx512f", "avx512_bf16"),
+    "SAPPHIRERAPIDS": ("avx512f", "amx_tile"), "ZEN": ("avx2", "fma"), "HASWELL": ("avx2", "fma"),
+}
+"""CPU flags (``/proc/cpuinfo``) each single-target OpenBLAS build needs; cmeel-openblas wheels are built
+for one target each (0.3.31: SKYLAKEX, 0.3.29: ZEN), not for all (``DYNAMIC_ARCH``)."""
+REINSTALL = "pip install 'cmeel-openblas==0.3.29' (built for ZEN: any AVX2 CPU)"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build_target(lib: Path) -> tuple[str, str]:
+    """The OpenBLAS build's target core and the CPU flags it needs that this CPU lacks ("" if none).
+
+    Asks the library itself, loaded locally (its symbols stay out of MLX's
+    reach until :func:`preload` loads it globally); running a kernel of a
+    target the CPU lacks would kill the process (SIGILL).
+    """
+    local = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
+    config = local.openblas_get_config
+    config.restype = ctypes.c_char_p
+    words = (config() or b"").decode(errors="replace").split()
+    if "DYNAMIC_ARCH" in words:
+        return "DYNAMIC_ARCH", ""
+    target = next((w for w in words[2:] if w.upper() in NEEDS), words[3] if len(words) > 3 else "unknown")
+    return target, lacking(target, _cpu_flags())
+
+
+def lacking(target: str, flags: set[str]) -> str:
+    """The flags of :data:`NEEDS` for ``target`` missing from ``flags`` ("" if none, or flags unknown)."""
+    return " and ".join(f for f in NEEDS.get(target.upper(), ()) if f not in flags) if flags else ""
