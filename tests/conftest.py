@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import tidpo_mlx  # noqa: F401  (loads the fast BLAS before mlx)
@@ -140,3 +141,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def arith_rows(n: int, seed: int) -> list[dict]:
+    """``n`` seeded addition pairs (the right sum chosen, a near miss rejected)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
+                     "rejected": f"The answer is {a + b + rng.choice([1, 2, 10])}."})
+    return rows
+
+
+def arith_folder(folder: Path, train: int, valid: int) -> Path:
+    """A data folder of ``train`` / ``valid`` :func:`arith_rows` (seeds 0 and 1)."""
+    write_jsonl(folder / "train.jsonl", arith_rows(train, 0))
+    write_jsonl(folder / "valid.jsonl", arith_rows(valid, 1))
+    return folder

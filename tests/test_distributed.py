@@ -13,8 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import write_jsonl
-from test_train import _rows
+from conftest import arith_rows, write_jsonl
 
 LAUNCH = shutil.which("mlx.launch")
 pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch not on PATH")
@@ -34,11 +33,11 @@ def _launch(args, timeout=300):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
-    rows = _rows(16, 0)
+    rows = arith_rows(16, 0)
     for i, row in enumerate(rows):
         row["anchor"] = f"I think it is {i + 40}."
     write_jsonl(folder / "train.jsonl", rows)
-    write_jsonl(folder / "valid.jsonl", _rows(6, 1))
+    write_jsonl(folder / "valid.jsonl", arith_rows(6, 1))
     return folder
 
 

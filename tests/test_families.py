@@ -14,7 +14,6 @@ and the errors.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import tidpo_mlx  # noqa: F401  (loads the fast BLAS before mlx)
@@ -30,7 +29,7 @@ from tidpo_mlx.forward import Forward, make_forward
 from tidpo_mlx.models import attach_lora, load_adapted, load_base, resolve_model
 from tidpo_mlx.trainer import train
 
-from conftest import write_jsonl, write_tokenizer
+from conftest import arith_folder, write_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -76,16 +75,6 @@ def hf_model(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
     return folder
 
 
-def _rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        out.append({"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
-                    "rejected": f"The answer is {a + b + rng.choice([1, 2, 10])}."})
-    return out
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
     """The corrected-folder cache in a temporary folder."""
@@ -97,10 +86,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pairs")
-    write_jsonl(folder / "train.jsonl", _rows(4, 0))
-    write_jsonl(folder / "valid.jsonl", _rows(2, 1))
-    return folder
+    return arith_folder(tmp_path_factory.mktemp("pairs"), 4, 2)
 
 
 def _cfg(model, data, out, **kw):

@@ -33,8 +33,7 @@ from tidpo_mlx.files import WriteError
 from tidpo_mlx.metrics import read_metrics
 from tidpo_mlx.trainer import train
 
-from conftest import write_jsonl
-from test_train import _rows
+from conftest import arith_rows, write_jsonl
 
 ITERS = 12
 
@@ -43,8 +42,8 @@ ITERS = 12
 def base(tiny_model, tmp_path_factory) -> dict[str, Any]:
     """The keys every run here sets on top of the quickstart recipe (data written here)."""
     data = tmp_path_factory.mktemp("fault-pairs")
-    write_jsonl(data / "train.jsonl", _rows(16, 0))
-    write_jsonl(data / "valid.jsonl", _rows(4, 1))
+    write_jsonl(data / "train.jsonl", arith_rows(16, 0))
+    write_jsonl(data / "valid.jsonl", arith_rows(4, 1))
     return {"model": str(tiny_model), "data": str(data), "iters": ITERS, "batch_size": 2, "num_layers": 2,
             "learning_rate": 1e-3, "warmup_steps": 1, "anchor": "none", "steps_per_save": 2, "save_total_limit": 3}
 
@@ -300,8 +299,8 @@ def test_bad_data_is_reported_before_the_weights_load(base, tiny_model, tmp_path
     shutil.copytree(tiny_model, model)
     (model / "model.safetensors").write_bytes(b"not weights")
     data = tmp_path / "data"
-    write_jsonl(data / "train.jsonl", _rows(4, 0) + [{"prompt": "only a prompt"}])
-    write_jsonl(data / "valid.jsonl", _rows(2, 1))
+    write_jsonl(data / "train.jsonl", arith_rows(4, 0) + [{"prompt": "only a prompt"}])
+    write_jsonl(data / "valid.jsonl", arith_rows(2, 1))
     result = CliRunner().invoke(main, ["train", *_flags({**base, "model": str(model), "data": str(data)}),
                                        "--adapter-path", str(tmp_path / "out")])
     assert result.exit_code == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 
 import tidpo_mlx  # noqa: F401
 
@@ -17,25 +16,12 @@ from tidpo_mlx.cli import main
 from tidpo_mlx.config import build_config
 from tidpo_mlx.trainer import TrainingError, train
 
-from conftest import write_jsonl
-
-
-def _rows(n, seed):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
-                     "rejected": f"The answer is {a + b + rng.choice([1, 2, 10])}."})
-    return rows
+from conftest import arith_folder
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pairs")
-    write_jsonl(folder / "train.jsonl", _rows(16, 0))
-    write_jsonl(folder / "valid.jsonl", _rows(6, 1))
-    return folder
+    return arith_folder(tmp_path_factory.mktemp("pairs"), 16, 6)
 
 
 def _cfg(model, data, out, **kw):

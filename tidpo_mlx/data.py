@@ -40,6 +40,7 @@ import json
 import multiprocessing
 import os
 import re
+from array import array
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -658,7 +659,7 @@ class PairEncoder:
         bar = _progress(len(rows.rows))
         results = self.pool.map(_worker_chunk, chunks) if self.pool is not None else map(self.encode_chunk, chunks)
         for chunk, (done, bad) in zip(chunks, results):
-            examples += done
+            examples += _unpacked(done) if self.pool is not None else done
             problems += bad
             if bar is not None:
                 bar.update(len(chunk))
@@ -689,9 +690,30 @@ def _worker_start(encoder: PairEncoder) -> None:
     _WORKER = encoder
 
 
+TOKEN_FIELDS = ("prompt", "chosen", "rejected", "anchor")
+
+
 def _worker_chunk(rows: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[Example], list[Problem]]:
+    """Encode a chunk in a worker; token lists travel back as ``array('i')`` (one bytes blob each: unpickling
+    millions of int objects would load the parent, which shares the cores with the workers)."""
     assert _WORKER is not None, "_worker_start runs first"
-    return _WORKER.encode_chunk(rows)
+    examples, problems = _WORKER.encode_chunk(rows)
+    for ex in examples:
+        for name in TOKEN_FIELDS:
+            value = getattr(ex, name)
+            if value is not None:
+                setattr(ex, name, array("i", value))
+    return examples, problems
+
+
+def _unpacked(examples: list[Example]) -> list[Example]:
+    """Examples from :func:`_worker_chunk` with their token lists back as lists."""
+    for ex in examples:
+        for name in TOKEN_FIELDS:
+            value = getattr(ex, name)
+            if value is not None:
+                setattr(ex, name, value.tolist())
+    return examples
 
 
 def _progress(total: int) -> Any:
