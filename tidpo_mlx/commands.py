@@ -223,7 +223,7 @@ def experiment_command(quick, seeds, iters, out, val_pairs, methods, noise, mode
         est = ex.estimate_seconds(plan, n_val)
         click.echo(f"estimated time: ~{est / 60:.0f} min (rates measured with the built-in SmolLM2 on an idle "
                    "2-core CPU; a busy machine is slower)")
-        ex.run_experiment(plan, log=click.echo)
+        ex.run_experiment(plan, log=click.echo, source=source)
         click.echo(f"results: {plan.out / 'results.md'}, {plan.out / 'results.csv'}"
                    + (f", {plan.out / 'results.png'}" if (plan.out / "results.png").exists() else
                       " (pip install 'tidpo-mlx[plot]' for a plot)"))

@@ -45,7 +45,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tidpo_mlx import data_cache
 from tidpo_mlx.config import Config
@@ -657,9 +657,12 @@ class PairEncoder:
         chunks = [rows.rows[i:i + BATCH] for i in range(0, len(rows.rows), BATCH)]
         examples, problems = [], list(rows.problems)
         bar = _progress(len(rows.rows))
-        results = self.pool.map(_worker_chunk, chunks) if self.pool is not None else map(self.encode_chunk, chunks)
+        if self.pool is not None:
+            results = ((_with_tokens(done, array.tolist), bad) for done, bad in self.pool.map(_worker_chunk, chunks))
+        else:
+            results = map(self.encode_chunk, chunks)
         for chunk, (done, bad) in zip(chunks, results):
-            examples += _unpacked(done) if self.pool is not None else done
+            examples += done
             problems += bad
             if bar is not None:
                 bar.update(len(chunk))
@@ -698,21 +701,16 @@ def _worker_chunk(rows: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[Exam
     millions of int objects would load the parent, which shares the cores with the workers)."""
     assert _WORKER is not None, "_worker_start runs first"
     examples, problems = _WORKER.encode_chunk(rows)
+    return _with_tokens(examples, lambda ids: array("i", ids)), problems
+
+
+def _with_tokens(examples: list[Example], convert: Callable[[Any], Any]) -> list[Example]:
+    """``examples`` with each token sequence (:data:`TOKEN_FIELDS`) replaced by ``convert`` of it."""
     for ex in examples:
         for name in TOKEN_FIELDS:
             value = getattr(ex, name)
             if value is not None:
-                setattr(ex, name, array("i", value))
-    return examples, problems
-
-
-def _unpacked(examples: list[Example]) -> list[Example]:
-    """Examples from :func:`_worker_chunk` with their token lists back as lists."""
-    for ex in examples:
-        for name in TOKEN_FIELDS:
-            value = getattr(ex, name)
-            if value is not None:
-                setattr(ex, name, value.tolist())
+                setattr(ex, name, convert(value))
     return examples
 
 

@@ -281,9 +281,14 @@ def source_data(plan: Plan) -> Source:
     return source
 
 
-def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every (seed, noise, method) of ``plan``; write results after each run; return the rows."""
-    source = source_data(plan)
+def run_experiment(
+    plan: Plan, log: Callable[[str], None] = print, source: Source | None = None
+) -> list[dict[str, Any]]:
+    """Run every (seed, noise, method) of ``plan``; write results after each run; return the rows.
+
+    ``source``: the plan's data as :func:`source_data` read it (read here when not given).
+    """
+    source = source if source is not None else source_data(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     runs = plan.runs()
     rows: list[dict[str, Any]] = []
