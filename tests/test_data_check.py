@@ -40,3 +40,13 @@ def test_train_dry_run_reports_and_writes_nothing(tmp_path, tiny_model):
     assert not out.exists()
     bad = CliRunner().invoke(main, args + ["--beta", "-1"])
     assert bad.exit_code != 0 and "beta" in bad.output
+
+
+def test_no_valid_pair_names_the_reasons(tmp_path, tiny_model):
+    good = {"prompt": "What is 12 plus 30?", "chosen": "The answer is 42.", "rejected": "43"}
+    write_jsonl(tmp_path / "d" / "train.jsonl", [dict(good, prompt=f"What is {i} plus 30?") for i in range(20)])
+    args = ["train", "--dry-run", "--data", str(tmp_path / "d"), "--model", str(tiny_model), "--max-prompt-length", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "no valid training pairs (invalid: 20 x the prompt's template tokens alone exceed max_prompt_length (4)" \
+        in result.output

@@ -807,7 +807,8 @@ def assemble(encoded: Encoded, cfg: Config) -> Dataset:
     """The Dataset of encoded splits; makes a held-out split when there is none."""
     splits, notes = dict(encoded.splits), list(encoded.notes)
     if not splits.get("train"):
-        raise DataError(f"{encoded.name}: no valid training pairs")
+        reasons = "; ".join(f"{n} x {reason}" for reason, n in Counter(encoded.invalid).most_common(SHOWN))
+        raise DataError(f"{encoded.name}: no valid training pairs" + (f" (invalid: {reasons})" if reasons else ""))
     if "valid" not in splits:
         n = len(splits["train"])
         splits["train"], splits["valid"] = held_out_split(splits["train"], cfg.valid_fraction, cfg.seed)
