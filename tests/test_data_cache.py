@@ -12,7 +12,7 @@ from mlx_lm.utils import load_tokenizer
 
 from tidpo_mlx import data_cache
 from tidpo_mlx.config import build_config
-from tidpo_mlx.data import PairEncoder, load_dataset
+from tidpo_mlx.data import DataError, PairEncoder, load_dataset
 from tidpo_mlx.sources import read_json_file
 
 from conftest import write_jsonl
@@ -75,6 +75,20 @@ def test_second_load_hits_the_cache_with_identical_examples(tmp_path, tok, cache
     assert second.truncated_prompts > 0 and second.skipped == 12
     seeded = load_dataset(str(data), tok, cfg(seed=7))  # the held-out split is made after the cache
     assert any("read from the cache" in n for n in seeded.notes)
+
+
+def test_stopping_on_invalid_rows_then_skipping_them_encodes_once(tmp_path, tok, cache_home):
+    """The entry keeps the invalid rows: the report comes from the cache too, and the --skip-invalid rerun reads it."""
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", messy_rows(40))
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"train.jsonl:5: .*; 8 invalid of 40 rows: .*--skip-invalid"):
+            load_dataset(str(data), tok, cfg(skip_invalid=False))
+    assert len(list((cache_home / "tidpo-mlx" / "encoded").glob("*.npz"))) == 1
+    skipped = load_dataset(str(data), tok, cfg())
+    assert any("read from the cache" in n for n in skipped.notes)
+    assert skipped.invalid == {"'chosen' and 'rejected' are identical": 8}
+    assert any(n.startswith("skip_invalid: left out") and "8 invalid of 40 rows" in n for n in skipped.notes)
 
 
 @pytest.mark.parametrize("change", ["data_byte", "template", "max_length"])

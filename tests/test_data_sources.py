@@ -167,3 +167,35 @@ def test_experiment_reads_data_as_train_does(tmp_path, tok):
     write_jsonl(single, [pair(i) for i in range(20)])
     with pytest.raises(DataError, match="needs a held-out split"):
         ex.source_data(ex.make_plan(tmp_path / "out2", quick=True, data=str(single)))
+
+
+def test_hub_dataset_card_configs(hub_cache, tok):
+    """A card's ``configs:`` header maps splits as ``datasets`` does (UltraFeedback-binarized style split names):
+    without it, ``train_prefs`` and ``train_sft`` would both be taken as train by their file names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, n in (("train_prefs", 7), ("train_sft", 5), ("test_prefs", 3)):
+        pq.write_table(pa.Table.from_pylist([pair(100 + i) for i in range(n)]), hub_cache / "data" / f"{name}-00000-of-00001.parquet")
+    card = ("---\r\nlicense: mit\r\nconfigs:\r\n- config_name: default\r\n  data_files:\r\n"
+            "  - split: train_prefs\r\n    path: data/train_prefs-*\r\n  - split: train_sft\r\n    path: data/train_sft-*\r\n"
+            "  - split: test_prefs\r\n    path: data/test_prefs-*\r\n- config_name: small\r\n  data_files: data/validation.jsonl\r\n"
+            "---\r\n# Prefs\r\n")
+    (hub_cache / "README.md").write_bytes(b"\xef\xbb\xbf" + card.encode())
+    with pytest.raises(DataError, match=r"org/prefs: its README's splits are train_prefs, train_sft, test_prefs; "
+                                        r"name the one to train on with hf_dataset.train_split"):
+        load_dataset("org/prefs", tok, CFG)
+    cfg = build_config({"model": "x", "hf_dataset": {"path": "org/prefs", "train_split": "train_prefs", "valid_split": "test_prefs"}})
+    data = load_dataset("ignored", tok, cfg)
+    assert (len(data.train), len(data.valid)) == (7, 3)
+    assert data.valid[0].source == "org/prefs:valid:row 0"
+    cfg = build_config({"model": "x", "hf_dataset": {"path": "org/prefs", "config": "small"}})
+    data = load_dataset("ignored", tok, cfg)
+    assert len(data.train) + len(data.valid) == 2  # one file as train; the held-out split is made from it
+    for spec, message in (({"config": "large"}, "no config 'large' in its README \\(has default, small"),
+                          ({"train_split": "train_gen"}, "no split 'train_gen' \\(hf_dataset.train_split; it has train_prefs")):
+        with pytest.raises(DataError, match=message):
+            load_dataset("ignored", tok, build_config({"model": "x", "hf_dataset": {"path": "org/prefs", **spec}}))
+    (hub_cache / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: nothing/*.parquet\n---\n")
+    with pytest.raises(DataError, match="split 'train': no file matches nothing/\\*.parquet"):
+        load_dataset("org/prefs", tok, CFG)

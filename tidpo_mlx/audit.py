@@ -37,7 +37,7 @@ import numpy as np
 
 from tidpo_mlx.batching import collate, eval_batches
 from tidpo_mlx.config import PRESETS, Config
-from tidpo_mlx.data import Example, PairEncoder, encode_splits, hf_dataset_keys, parse_row
+from tidpo_mlx.data import Example, PairEncoder, encode_checked, hf_dataset_keys, parse_row
 from tidpo_mlx.errors import ConfigError, DataError, MissingFileError
 from tidpo_mlx.files import atomic_write_text, write_jsonl
 from tidpo_mlx.sources import Rows, Source, read_jsonl, resolve_source
@@ -91,7 +91,7 @@ def read_pairs(data: str, tokenizer: Any, cfg: Config) -> tuple[Source, list[Aud
     if "train" not in source.splits:
         raise DataError(f"{source.name}: no training split to audit")
     train = source.splits["train"]
-    encoded, _, notes = encode_splits(PairEncoder(tokenizer, cfg), {"train": train}, cfg)
+    encoded, notes = encode_checked(PairEncoder(tokenizer, cfg), {"train": train}, cfg)
     rows = dict(train.rows)
     pairs = [AuditPair(i, ex.source, rows[ex.source], ex) for i, ex in enumerate(encoded["train"])]
     for p in pairs:

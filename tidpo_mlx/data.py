@@ -776,10 +776,10 @@ def hf_dataset_keys(cfg: Config) -> dict[str, Any] | None:
     return cfg.to_dict().get("hf_dataset")
 
 
-def encode_splits(encoder: PairEncoder, splits: dict[str, Rows], cfg: Config) -> tuple[dict[str, list[Example]], Counter, list[str]]:
-    """Encode every split; invalid rows raise one report, or with ``skip_invalid`` are dropped and counted.
+def encode_splits(encoder: PairEncoder, splits: dict[str, Rows]) -> tuple[dict[str, list[Example]], list[Problem], int]:
+    """Encode every split: the examples by split, the invalid rows (all of them) and the rows read in all.
 
-    Returns the examples by split, the dropped rows by reason and the notes to log.
+    Nothing is decided here: :func:`invalid_rows` stops or (``skip_invalid``) drops.
     """
     encoded: dict[str, list[Example]] = {}
     problems: list[Problem] = []
@@ -789,25 +789,37 @@ def encode_splits(encoder: PairEncoder, splits: dict[str, Rows], cfg: Config) ->
             encoded[split], bad = encoder.encode_rows(rows)
             problems += bad
             total += len(rows.rows) + len(rows.problems)
-    notes = list(encoder.notes)
-    if problems:
-        if not cfg.skip_invalid:
-            raise DataError(invalid_report(problems, total))
-        notes.append("skip_invalid: left out " + invalid_report(problems, total, option=False))
-    return encoded, Counter(p.reason for p in problems), notes
+    return encoded, problems, total
+
+
+def invalid_rows(problems: Sequence[Problem], total: int, cfg: Config) -> tuple[Counter, list[str]]:
+    """Invalid rows raise one report, or with ``skip_invalid`` are left out: the count by reason and the note."""
+    if not problems:
+        return Counter(), []
+    if not cfg.skip_invalid:
+        raise DataError(invalid_report(problems, total))
+    return Counter(p.reason for p in problems), ["skip_invalid: left out " + invalid_report(problems, total, option=False)]
+
+
+def encode_checked(encoder: PairEncoder, splits: dict[str, Rows], cfg: Config) -> tuple[dict[str, list[Example]], list[str]]:
+    """Encode every split and apply :func:`invalid_rows`: the examples by split and the notes to log."""
+    encoded, problems, total = encode_splits(encoder, splits)
+    return encoded, list(encoder.notes) + invalid_rows(problems, total, cfg)[1]
 
 
 def encode_source(source: Source, tokenizer: Any, cfg: Config) -> Encoded:
-    """Encode every split of a found source (no held-out split made yet)."""
-    splits, invalid, notes = encode_splits(PairEncoder(tokenizer, cfg), source.splits, cfg)
-    return Encoded(splits, invalid, notes, source.name, source.kind)
+    """Encode every split of a found source (no held-out split made yet; invalid rows kept as problems)."""
+    encoder = PairEncoder(tokenizer, cfg)
+    splits, problems, total = encode_splits(encoder, source.splits)
+    return Encoded(splits, problems, total, list(encoder.notes), source.name, source.kind)
 
 
 def assemble(encoded: Encoded, cfg: Config) -> Dataset:
     """The Dataset of encoded splits; makes a held-out split when there is none."""
-    splits, notes = dict(encoded.splits), list(encoded.notes)
+    invalid, skipped = invalid_rows(encoded.problems, encoded.total, cfg)
+    splits, notes = dict(encoded.splits), list(encoded.notes) + skipped
     if not splits.get("train"):
-        reasons = "; ".join(f"{n} x {reason}" for reason, n in Counter(encoded.invalid).most_common(SHOWN))
+        reasons = "; ".join(f"{n} x {reason}" for reason, n in invalid.most_common(SHOWN))
         raise DataError(f"{encoded.name}: no valid training pairs" + (f" (invalid: {reasons})" if reasons else ""))
     if "valid" not in splits:
         n = len(splits["train"])
@@ -823,7 +835,7 @@ def assemble(encoded: Encoded, cfg: Config) -> Dataset:
         truncated_responses=sum(e.responses_truncated for e in every),
         dropped_turns=sum(e.dropped_turns for e in every),
         pairs_with_dropped_turns=sum(e.dropped_turns > 0 for e in every),
-        invalid=dict(encoded.invalid),
+        invalid=dict(invalid),
         notes=notes,
         source=f"{encoded.name} ({encoded.kind})",
     )

@@ -11,7 +11,11 @@ atomically. The key is the sha256 of
   template and EOS id;
 - the config keys that change encoding: ``chat_template`` (with the file's
   text when it is a path), ``max_length``, ``max_prompt_length``,
-  ``skip_invalid``, ``hf_dataset``; and :data:`FORMAT`.
+  ``hf_dataset``; and :data:`FORMAT`.
+
+An entry keeps every invalid row as a problem: ``skip_invalid`` is decided
+after it is read, so a run that stopped on invalid rows and its rerun with
+``--skip-invalid`` encode once.
 
 The entry holds the encoded splits before a held-out split is made, so
 ``valid_fraction`` and ``seed`` are not part of the key. It stores every
@@ -30,7 +34,6 @@ import io
 import itertools
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,9 +43,9 @@ import numpy as np
 from tidpo_mlx.config import Config
 from tidpo_mlx import files
 from tidpo_mlx.files import atomic_write
-from tidpo_mlx.sources import SUFFIXES, bundled_folder, is_hub_id
+from tidpo_mlx.sources import SUFFIXES, Problem, bundled_folder, is_hub_id
 
-FORMAT = 1
+FORMAT = 2
 """Version of the entry layout and of the encoding rules: bump when either changes."""
 DISABLE = "TIDPO_MLX_NO_ENCODE_CACHE"
 CHUNK = 1 << 20
@@ -55,7 +58,10 @@ class Encoded:
     """What encoding a source gives before the held-out split: examples by split, dropped rows, notes."""
 
     splits: dict[str, list[Any]]
-    invalid: Counter
+    problems: list[Problem]
+    """Every invalid row (whether to stop or skip them is decided after the cache: ``data.invalid_rows``)."""
+    total: int
+    """Rows read, valid or not."""
     notes: list[str]
     name: str
     kind: str
@@ -134,8 +140,7 @@ def cache_key(data: str, tokenizer: Any, cfg: Config, hf_dataset: dict[str, Any]
         return None
     digest = hashlib.sha256()
     settings = {"format": FORMAT, "data": data, "template": _template_text(cfg), "max_length": cfg.max_length,
-                "max_prompt_length": cfg.max_prompt_length, "skip_invalid": cfg.skip_invalid,
-                "hf_dataset": hf_dataset, "tokenizer": tokenizer_identity(tokenizer)}
+                "max_prompt_length": cfg.max_prompt_length, "hf_dataset": hf_dataset, "tokenizer": tokenizer_identity(tokenizer)}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in files:
         digest.update(b"\0file\0" + str(path.resolve()).encode() + b"\0")
@@ -170,7 +175,8 @@ def store(key: str, encoded: Encoded) -> Path:
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(offsets[-1]))
-    meta = json.dumps({"format": FORMAT, "splits": splits, "invalid": dict(encoded.invalid),
+    meta = json.dumps({"format": FORMAT, "splits": splits, "problems": [[p.where, p.reason] for p in encoded.problems],
+                       "total": encoded.total,
                        "notes": encoded.notes, "name": encoded.name, "kind": encoded.kind},
                       ensure_ascii=False, separators=(",", ":")).encode()
     digest = _payload_digest(ids, offsets, meta)
@@ -228,7 +234,11 @@ def _read(path: Path, example: Callable[..., Any]) -> Encoded:
         raise CorruptEntry(f"malformed content ({type(err).__name__}: {err})") from None
     if cursor != len(bounds) - 1:
         raise CorruptEntry(f"{len(bounds) - 1 - cursor} token sequences left over")
-    return Encoded(splits, Counter(info["invalid"]), list(info["notes"]), info["name"], info["kind"])
+    try:
+        problems = [Problem(where, reason) for where, reason in info["problems"]]
+    except (ValueError, TypeError) as err:
+        raise CorruptEntry(f"malformed problems ({type(err).__name__}: {err})") from None
+    return Encoded(splits, problems, int(info["total"]), list(info["notes"]), info["name"], info["kind"])
 
 
 @contextlib.contextmanager

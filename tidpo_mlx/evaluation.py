@@ -25,7 +25,7 @@ import numpy as np
 from tidpo_mlx.anchors import sample_anchors
 from tidpo_mlx.batching import collate, eval_batches
 from tidpo_mlx.config import Config
-from tidpo_mlx.data import Example, PairEncoder, encode_splits, held_out_split, hf_dataset_keys
+from tidpo_mlx.data import Example, PairEncoder, encode_checked, held_out_split, hf_dataset_keys
 from tidpo_mlx.forward import Forward
 from tidpo_mlx.metrics import held_out_metrics
 from tidpo_mlx.models import eval_mode, reference_mode
@@ -62,7 +62,7 @@ def load_pairs(data: str, tokenizer: Any, cfg: Config, limit: int | None = None)
         split = "valid" if "valid" in source.splits else "train"
         name, splits = f"{source.name} ({split} split)", {split: source.splits[split]}
     encoder = PairEncoder(tokenizer, cfg)
-    encoded, _, notes = encode_splits(encoder, splits, cfg)
+    encoded, notes = encode_checked(encoder, splits, cfg)
     examples = encoded.get("valid")
     if examples is None:
         examples = held_out_split(encoded["train"], cfg.valid_fraction, cfg.seed)[1]

@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 from tidpo_mlx.errors import DataError, first_line
 
 Row = tuple[str, dict[str, Any]]
@@ -277,12 +279,72 @@ def _slice(spec: str) -> tuple[str, slice]:
     return m.group(1), slice(start, stop)
 
 
+def readme_configs(folder: Path, repo_id: str) -> list[dict[str, Any]] | None:
+    """The ``configs:`` list of a dataset card's YAML header (``README.md``), or None when it has none."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8-sig", errors="replace")
+    m = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.S)
+    if not m:
+        return None
+    try:
+        header = yaml.safe_load(m.group(1))
+    except yaml.YAMLError as err:
+        raise DataError(f"{repo_id}: README.md: the YAML header does not parse ({first_line(err)})") from None
+    configs = header.get("configs") if isinstance(header, dict) else None
+    if configs is None:
+        return None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) and "config_name" in c for c in configs):
+        raise DataError(f"{repo_id}: README.md: 'configs' must be a list of mappings with a config_name")
+    return configs
+
+
+def config_split_files(folder: Path, configs: list[dict[str, Any]], config: str | None, repo_id: str) -> dict[str, list[Path]]:
+    """Files by the dataset's own split names for one entry of a card's ``configs:`` (as ``datasets`` reads it).
+
+    The entry is ``config`` when given, else the one marked ``default: true``,
+    else the one named ``default``, else the only one. ``data_files`` is a
+    pattern or list of patterns (all ``train``) or a list of ``{split, path}``;
+    patterns are globs relative to the repository (under ``data_dir`` if set).
+    """
+    names = [str(c["config_name"]) for c in configs]
+    if config is not None:
+        chosen = next((c for c in configs if str(c["config_name"]) == config), None)
+        if chosen is None:
+            raise DataError(f"{repo_id}: no config '{config}' in its README (has {', '.join(names)}; hf_dataset.config)")
+    else:
+        chosen = next((c for c in configs if c.get("default")), None) or next(
+            (c for c in configs if c["config_name"] == "default"), None) or (configs[0] if len(configs) == 1 else None)
+        if chosen is None:
+            raise DataError(f"{repo_id}: its README defines configs {', '.join(names)}; choose one with hf_dataset.config")
+    spec = chosen.get("data_files", [])
+    if isinstance(spec, str) or (isinstance(spec, list) and all(isinstance(x, str) for x in spec)):
+        spec = [{"split": "train", "path": spec}]
+    if not isinstance(spec, list) or not all(isinstance(x, dict) and "path" in x for x in spec):
+        raise DataError(f"{repo_id}: README config '{chosen['config_name']}': data_files must be patterns "
+                        "or a list of {split, path}")
+    base = folder / str(chosen.get("data_dir", ""))
+    out: dict[str, list[Path]] = {}
+    for entry in spec:
+        split = str(entry.get("split", "train"))
+        patterns = [entry["path"]] if isinstance(entry["path"], str) else list(entry["path"])
+        files = sorted({p for pattern in patterns for p in base.glob(pattern) if p.is_file()})
+        if not files:
+            raise DataError(f"{repo_id}: README config '{chosen['config_name']}', split '{split}': no file matches "
+                            f"{', '.join(patterns)}")
+        out.setdefault(split, []).extend(files)
+    return out
+
+
 def read_hub(repo_id: str, config: str | None = None, split_names: dict[str, str | None] | None = None) -> dict[str, Rows]:
     """Rows by split of a Hub dataset, fetched with ``snapshot_download(repo_type="dataset")``.
 
-    ``config`` picks the files under a folder of that name; ``split_names``
-    maps our splits to the dataset's (with optional ``[a:b]`` slices); by
-    default files are assigned by name (``validation`` is ``valid``).
+    A dataset card whose YAML header has ``configs:`` is read as ``datasets``
+    reads it (:func:`config_split_files`; ``config`` picks the entry). Without
+    one, ``config`` picks the files under a folder of that name and files are
+    assigned to splits by name (``validation`` is ``valid``). ``split_names``
+    maps our splits to the dataset's (with optional ``[a:b]`` slices).
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -295,12 +357,42 @@ def read_hub(repo_id: str, config: str | None = None, split_names: dict[str, str
                         "(HF_HUB_OFFLINE set or no network)") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise DataError(f"{repo_id}: cannot fetch this Hub dataset ({type(err).__name__}: {first_line(err)})") from None
+    named = {s: _slice(v) for s, v in (split_names or {}).items() if v}
+    configs = readme_configs(folder, repo_id)
+    if configs is not None:
+        by_name = config_split_files(folder, configs, config, repo_id)
+        by_split = {}
+        for split in SPLITS:
+            if split in named:
+                name = named[split][0]
+                if name not in by_name:
+                    raise DataError(f"{repo_id}: no split '{name}' (hf_dataset.{split}_split; it has "
+                                    f"{', '.join(by_name)})")
+                by_split[split] = by_name[name]
+            else:
+                found = next((n for n in by_name if n.lower() in SPLIT_ALIASES[split]), None)
+                if found is not None:
+                    by_split[split] = by_name[found]
+        if "train" not in by_split:
+            raise DataError(f"{repo_id}: its README's splits are {', '.join(by_name)}; name the one to train on "
+                            "with hf_dataset.train_split (and valid_split)")
+    else:
+        by_split = _split_files_by_name(folder, repo_id, config, named)
+    splits = read_split_files(by_split, repo_id)
+    for split, (_, part) in named.items():
+        if split in splits:
+            splits[split].rows = splits[split].rows[part]
+    return splits
+
+
+def _split_files_by_name(folder: Path, repo_id: str, config: str | None,
+                         named: dict[str, tuple[str, slice]]) -> dict[str, list[Path]]:
+    """Files by our split, from their paths (no ``configs:`` in the card): a named split's files first."""
     files = _data_files(folder)
     if config:
         files = [p for p in files if config in p.relative_to(folder).parts[:-1]]
         if not files:
             raise DataError(f"{repo_id}: no data files under a folder named '{config}' (hf_dataset.config)")
-    named = {s: _slice(v) for s, v in (split_names or {}).items() if v}
     by_split: dict[str, list[Path]] = {}
     for path in files:
         rel = str(path.relative_to(folder))
@@ -311,11 +403,7 @@ def read_hub(repo_id: str, config: str | None = None, split_names: dict[str, str
                 continue
         if split is not None:
             by_split.setdefault(split, []).append(path)
-    splits = read_split_files(by_split, repo_id)
-    for split, (_, part) in named.items():
-        if split in splits:
-            splits[split].rows = splits[split].rows[part]
-    return splits
+    return by_split
 
 
 def _named(relative: str, name: str) -> bool:
