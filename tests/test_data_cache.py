@@ -67,7 +67,7 @@ def test_second_load_hits_the_cache_with_identical_examples(tmp_path, tok, cache
     write_jsonl(data / "train.jsonl", messy_rows(60))
     first = load_dataset(str(data), tok, cfg())
     assert any("cached in" in n for n in first.notes)
-    assert len(list((cache_home / "tidpo-mlx" / "encoded").glob("*.npz"))) == 1
+    assert len(list((cache_home / "tidpo-mlx" / "encoded").glob("*.bin"))) == 1
     second = load_dataset(str(data), tok, cfg())
     assert any("read from the cache" in n for n in second.notes)
     assert fields(second) == fields(first)
@@ -84,7 +84,7 @@ def test_stopping_on_invalid_rows_then_skipping_them_encodes_once(tmp_path, tok,
     for _ in range(2):
         with pytest.raises(DataError, match=r"train.jsonl:5: .*; 8 invalid of 40 rows: .*--skip-invalid"):
             load_dataset(str(data), tok, cfg(skip_invalid=False))
-    assert len(list((cache_home / "tidpo-mlx" / "encoded").glob("*.npz"))) == 1
+    assert len(list((cache_home / "tidpo-mlx" / "encoded").glob("*.bin"))) == 1
     skipped = load_dataset(str(data), tok, cfg())
     assert any("read from the cache" in n for n in skipped.notes)
     assert skipped.invalid == {"'chosen' and 'rejected' are identical": 8}
@@ -116,7 +116,7 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, tok, cache_home):
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", messy_rows(30))
     first = load_dataset(str(data), tok, cfg())
-    (entry,) = (cache_home / "tidpo-mlx" / "encoded").glob("*.npz")
+    (entry,) = (cache_home / "tidpo-mlx" / "encoded").glob("*.bin")
     raw = bytearray(entry.read_bytes())
     raw[len(raw) // 3] ^= 0xFF
     entry.write_bytes(bytes(raw))

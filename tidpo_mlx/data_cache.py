@@ -1,6 +1,6 @@
 """The encoded-dataset cache: encoding ``--data`` once per (data, tokenizer, encoding settings).
 
-An entry is ``<cache>/encoded/<key>.npz`` (``<cache>`` is
+An entry is ``<cache>/encoded/<key>.bin`` (``<cache>`` is
 ``$XDG_CACHE_HOME/tidpo-mlx``, default ``~/.cache/tidpo-mlx``), written
 atomically. The key is the sha256 of
 
@@ -20,7 +20,8 @@ after it is read, so a run that stopped on invalid rows and its rerun with
 The entry holds the encoded splits before a held-out split is made, so
 ``valid_fraction`` and ``seed`` are not part of the key. It stores every
 token id in one int32 array with offsets, the rest of each Example as JSON,
-and a sha256 of both: an entry that does not load or whose digest differs is
+and a sha256 of both, behind a header of their lengths (read in one call,
+viewed without copying): an entry that does not load or whose digest differs is
 ignored with a note and rewritten. ``TIDPO_MLX_NO_ENCODE_CACHE=1`` turns the
 cache off.
 """
@@ -30,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -151,13 +151,18 @@ def cache_key(data: str, tokenizer: Any, cfg: Config, hf_dataset: dict[str, Any]
 
 
 def entry_path(key: str) -> Path:
-    return cache_root() / f"{key}.npz"
+    return cache_root() / f"{key}.bin"
 
 
-def _payload_digest(ids: np.ndarray, offsets: np.ndarray, meta: bytes) -> str:
+MAGIC = b"TIDPOENC"
+"""First bytes of an entry; then four little-endian uint64 lengths (ids, offsets, meta, digest) and the parts."""
+
+
+def _payload_digest(ids: bytes, offsets: bytes, meta: bytes) -> str:
     h = hashlib.sha256()
-    for part in (ids.tobytes(), offsets.tobytes(), meta):
-        h.update(len(part).to_bytes(8, "little") + part)
+    for part in (ids, offsets, meta):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
     return h.hexdigest()
 
 
@@ -173,20 +178,20 @@ def store(key: str, encoded: Encoded) -> Path:
                          ex.texts, ex.dropped_turns, ex.anchor is not None])
         splits[split] = rows
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(offsets[-1]))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8").tobytes()
+    ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype="<i4", count=int(lengths.sum())).tobytes()
     meta = json.dumps({"format": FORMAT, "splits": splits, "problems": [[p.where, p.reason] for p in encoded.problems],
-                       "total": encoded.total,
-                       "notes": encoded.notes, "name": encoded.name, "kind": encoded.kind},
+                       "total": encoded.total, "notes": encoded.notes, "name": encoded.name, "kind": encoded.kind},
                       ensure_ascii=False, separators=(",", ":")).encode()
-    digest = _payload_digest(ids, offsets, meta)
+    digest = _payload_digest(ids, offsets, meta).encode()
     path = entry_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, ids=ids, offsets=offsets, meta=np.frombuffer(meta, dtype=np.uint8),
-                     digest=np.frombuffer(digest.encode(), dtype=np.uint8))
+            f.write(MAGIC + b"".join(len(part).to_bytes(8, "little") for part in (ids, offsets, meta, digest)))
+            for part in (ids, offsets, meta, digest):
+                f.write(part)
 
     atomic_write(path, write)
     return path
@@ -196,59 +201,62 @@ class CorruptEntry(Exception):
     """An entry that does not load or does not match its digest (never trusted)."""
 
 
+def _parts(raw: bytes) -> tuple[memoryview, memoryview, bytes]:
+    """The ids, offsets and meta of an entry's bytes, its digest checked."""
+    head = len(MAGIC) + 4 * 8
+    if len(raw) < head or not raw.startswith(MAGIC):
+        raise CorruptEntry("not an encoded-dataset entry (bad header)")
+    sizes = [int.from_bytes(raw[len(MAGIC) + 8 * i: len(MAGIC) + 8 * i + 8], "little") for i in range(4)]
+    if head + sum(sizes) != len(raw):
+        raise CorruptEntry(f"{len(raw)} bytes where the header says {head + sum(sizes)}")
+    view = memoryview(raw)
+    bounds = np.cumsum([head] + sizes).tolist()
+    ids, offsets, meta, digest = (view[a:b] for a, b in zip(bounds, bounds[1:]))
+    if bytes(digest).decode("ascii", "replace") != _payload_digest(ids, offsets, meta):
+        raise CorruptEntry("its digest does not match its content")
+    return ids, offsets, bytes(meta)
+
+
 def _read(path: Path, example: Callable[..., Any]) -> Encoded:
     try:
-        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
-            ids, offsets, meta = z["ids"], z["offsets"], z["meta"].tobytes()
-            digest = z["digest"].tobytes().decode()
-        if digest != _payload_digest(ids, offsets, meta):
-            raise CorruptEntry("its digest does not match its content")
+        ids, offsets, meta = _parts(path.read_bytes())
         info = json.loads(meta)
     except CorruptEntry:
         raise
-    except Exception as err:  # a truncated or garbled zip raises many kinds
+    except Exception as err:  # unreadable or garbled content raises many kinds
         raise CorruptEntry(f"{type(err).__name__}: {err}") from None
     if info.get("format") != FORMAT:
         raise CorruptEntry(f"format {info.get('format')} is not {FORMAT}")
-    flat = ids.tolist()
-    bounds = offsets.tolist()
-    cursor = 0
-
-    def take() -> list[int]:
-        nonlocal cursor
-        cursor += 1
-        return flat[bounds[cursor - 1]:bounds[cursor]]
-
+    flat = np.frombuffer(ids, dtype="<i4").tolist()
+    bounds = np.frombuffer(offsets, dtype="<i8").tolist()
+    sequences = iter([flat[a:b] for a, b in zip(bounds, bounds[1:])])
     splits: dict[str, list[Any]] = {}
     try:
         for split, rows in info["splits"].items():
-            out = []
-            for index, source, messages, prompt_cut, cuts, texts, dropped, has_anchor in rows:
-                prompt, chosen, rejected = take(), take(), take()
-                out.append(example(index=index, source=source, messages=messages, prompt=prompt, chosen=chosen,
-                                   rejected=rejected, anchor=take() if has_anchor else None,
-                                   prompt_truncated=prompt_cut, responses_truncated=cuts, texts=texts,
-                                   dropped_turns=dropped))
-            splits[split] = out
-    except (ValueError, TypeError, IndexError, KeyError) as err:
-        raise CorruptEntry(f"malformed content ({type(err).__name__}: {err})") from None
-    if cursor != len(bounds) - 1:
-        raise CorruptEntry(f"{len(bounds) - 1 - cursor} token sequences left over")
-    try:
+            splits[split] = [
+                example(index=index, source=source, messages=messages, prompt=next(sequences),
+                        chosen=next(sequences), rejected=next(sequences),
+                        anchor=next(sequences) if has_anchor else None, prompt_truncated=prompt_cut,
+                        responses_truncated=cuts, texts=texts, dropped_turns=dropped)
+                for index, source, messages, prompt_cut, cuts, texts, dropped, has_anchor in rows]
         problems = [Problem(where, reason) for where, reason in info["problems"]]
-    except (ValueError, TypeError) as err:
-        raise CorruptEntry(f"malformed problems ({type(err).__name__}: {err})") from None
+    except (ValueError, TypeError, KeyError, StopIteration) as err:
+        raise CorruptEntry(f"malformed content ({type(err).__name__}: {err})") from None
+    if next(sequences, None) is not None:
+        raise CorruptEntry("token sequences left over")
     return Encoded(splits, problems, int(info["total"]), list(info["notes"]), info["name"], info["kind"])
 
 
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
-    """Cyclic garbage collection paused: building ~10^6 new objects otherwise triggers many full passes."""
+    """Cyclic garbage collection paused while ~10^6 new objects are built (each allocation burst would run a
+    full pass), and those objects then frozen (``gc.freeze``): later passes no longer walk a loaded dataset."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if was:
             gc.enable()
 
