@@ -160,7 +160,7 @@ def test_active_only_where_exact(setup):
     assert active(model, paper)
     assert not active(model, official)
     assert active(model, dataclasses.replace(official, weighting="none"))
-    assert not active(model, dataclasses.replace(paper, grad_checkpoint=True))
+    assert not active(model, dataclasses.replace(paper, grad_checkpoint="true"))
     assert not active(model, dataclasses.replace(paper, shared_prefix="false"))
     with pytest.raises(ConfigError, match="weight_span: sequence"):
         active(model, dataclasses.replace(official, shared_prefix="true"))

@@ -119,7 +119,10 @@ class Config:
     batch_size: int = _doc("Preference pairs per micro-batch.", default=4)
     grad_accumulation_steps: int = _doc("Micro-batches per optimizer step.", default=1)
     max_grad_norm: float = _doc("Clip the global gradient norm (0: off).", default=1.0)
-    grad_checkpoint: bool = _doc("Recompute block activations in the backward pass.", default=False)
+    grad_checkpoint: Literal["auto", "true", "false"] = _doc(
+        "Recompute each block in the backward pass (memory for time): auto = when the estimated activations "
+        "exceed half of MLX's memory limit.", default="auto"
+    )
     logits_chunk: int = _doc(
         "Response positions per chunk of the LM head and log-softmax, recomputed in the backward pass so the "
         "(rows x positions x vocabulary) logits are never all in memory (0: all at once).",

@@ -37,10 +37,12 @@ from tidpo_mlx.data import Dataset, Example, PairEncoder, load_dataset
 from tidpo_mlx.errors import TrainingError
 from tidpo_mlx.evaluation import HeldOut, pad_id_of
 from tidpo_mlx.files import atomic_write_text
+from tidpo_mlx import memory
 from tidpo_mlx.forward import Forward, make_forward
 from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb
 from tidpo_mlx.models import (
-    adapter_config, attach_trainable, load_adapter_weights, load_base, load_tokenizer, resolve_model, save_adapters,
+    adapter_config, attach_trainable, load_adapter_weights, load_base, load_tokenizer, on_cpu, resolve_model,
+    save_adapters,
 )
 from tidpo_mlx.objective import batch_objective
 from tidpo_mlx.seeds import MICRO_BATCH, derive_seed
@@ -275,17 +277,20 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
 
     dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
     model, _, notes = load_base(model_path, dequantize)
-    fwd, forward_notes = make_forward(model, cfg, str(model_path))
+    pairs = cfg.batch_size // world.size()
+    recompute, recompute_note = memory.decide(
+        cfg.grad_checkpoint, model, pairs * (3 if cfg.triplet_on else 2), max(ex.length for ex in data.train),
+        plain_attention=on_cpu() and cfg.plain_attention != "false")
+    fcfg = dataclasses.replace(cfg, grad_checkpoint="true" if recompute else "false")
+    fwd, forward_notes = make_forward(model, fcfg, str(model_path))
     log(f"model: {cfg.model} -> {model_path}")
-    for note in notes + forward_notes:
+    for note in notes + forward_notes + [recompute_note]:
         log(f"  {note}")
     attach_trainable(model, cfg)
     if cfg.resume_adapter_file:
         load_adapter_weights(model, cfg.resume_adapter_file)
-    if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+    if recompute:
+        memory.recompute_blocks(model)
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
     start = restore_checkpoint(ckpt, model, opt, world) if resume is not None else 0

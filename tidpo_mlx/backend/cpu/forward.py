@@ -76,7 +76,7 @@ def shared_prefix_active(model: nn.Module, cfg: Config) -> bool:
         reasons.append("the model has no plain-op attention in every block (plain_attention)")
     if cfg.weight_span != "response" and cfg.weighting != "none":
         reasons.append("weight_span: sequence needs the prompt in every row")
-    if cfg.grad_checkpoint:
+    if cfg.grad_checkpoint == "true":
         reasons.append("grad_checkpoint is on")
     if reasons and cfg.shared_prefix == "true":
         raise ConfigError(f"shared_prefix: true is not possible here: {'; '.join(reasons)}")
