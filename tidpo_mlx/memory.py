@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 SHARE = 0.5
 """``auto`` recomputes when the estimated activations exceed this share of MLX's memory limit (the rest holds
@@ -82,15 +83,20 @@ def _dims(model: nn.Module) -> tuple[int, int, int]:
     return int(hidden), int(intermediate), int(heads)
 
 
+def _compute_itemsize(model: nn.Module) -> int:
+    """Bytes per value the model computes in: its first floating-point parameter's (a norm's, when quantized)."""
+    return next((a.itemsize for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)), 4)
+
+
 def activation_bytes(model: nn.Module, rows: int, length: int, plain_attention: bool) -> int:
     """Estimated activations of a micro-step's backward over ``rows`` whole rows of ``length`` tokens.
 
     Per block and token: :data:`PER_TOKEN_HIDDEN` x hidden +
     :data:`PER_TOKEN_INTERMEDIATE` x intermediate values, plus the attention
-    scores of plain-op attention; in the model's compute dtype (float32 on CPU).
+    scores of plain-op attention; in the model's compute dtype (float32 on CPU, where the base is dequantized).
     """
     hidden, intermediate, heads = _dims(model)
-    itemsize = 4 if plain_attention else 2
+    itemsize = _compute_itemsize(model)
     per_token = PER_TOKEN_HIDDEN * hidden + PER_TOKEN_INTERMEDIATE * intermediate
     scores = (PER_SCORE if plain_attention else FUSED_SCORE) * heads * length
     return len(model.layers) * rows * length * (per_token + scores) * itemsize

@@ -360,22 +360,7 @@ def read_hub(repo_id: str, config: str | None = None, split_names: dict[str, str
     named = {s: _slice(v) for s, v in (split_names or {}).items() if v}
     configs = readme_configs(folder, repo_id)
     if configs is not None:
-        by_name = config_split_files(folder, configs, config, repo_id)
-        by_split = {}
-        for split in SPLITS:
-            if split in named:
-                name = named[split][0]
-                if name not in by_name:
-                    raise DataError(f"{repo_id}: no split '{name}' (hf_dataset.{split}_split; it has "
-                                    f"{', '.join(by_name)})")
-                by_split[split] = by_name[name]
-            else:
-                found = next((n for n in by_name if n.lower() in SPLIT_ALIASES[split]), None)
-                if found is not None:
-                    by_split[split] = by_name[found]
-        if "train" not in by_split:
-            raise DataError(f"{repo_id}: its README's splits are {', '.join(by_name)}; name the one to train on "
-                            "with hf_dataset.train_split (and valid_split)")
+        by_split = _split_files_by_card(config_split_files(folder, configs, config, repo_id), repo_id, named)
     else:
         by_split = _split_files_by_name(folder, repo_id, config, named)
     splits = read_split_files(by_split, repo_id)
@@ -383,6 +368,26 @@ def read_hub(repo_id: str, config: str | None = None, split_names: dict[str, str
         if split in splits:
             splits[split].rows = splits[split].rows[part]
     return splits
+
+
+def _split_files_by_card(by_name: dict[str, list[Path]], repo_id: str,
+                         named: dict[str, tuple[str, slice]]) -> dict[str, list[Path]]:
+    """Files by our split from the card's split names: a named split must exist, else the usual names."""
+    by_split = {}
+    for split in SPLITS:
+        if split in named:
+            name = named[split][0]
+            if name not in by_name:
+                raise DataError(f"{repo_id}: no split '{name}' (hf_dataset.{split}_split; it has {', '.join(by_name)})")
+            by_split[split] = by_name[name]
+        else:
+            found = next((n for n in by_name if n.lower() in SPLIT_ALIASES[split]), None)
+            if found is not None:
+                by_split[split] = by_name[found]
+    if "train" not in by_split:
+        raise DataError(f"{repo_id}: its README's splits are {', '.join(by_name)}; name the one to train on "
+                        "with hf_dataset.train_split (and valid_split)")
+    return by_split
 
 
 def _split_files_by_name(folder: Path, repo_id: str, config: str | None,
