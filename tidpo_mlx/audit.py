@@ -4,8 +4,8 @@ Cross-fitting: the training pairs are split into K folds, grouped so that
 pairs sharing a prompt or both responses (a copy of the pair, maybe with its
 labels swapped) land in one fold. For each fold a short LoRA run of the
 recipe's loss (``trainer.train``, nothing else) trains on the other folds;
-the fold's own pairs are then scored by that model with
-``evaluation.evaluate_pairs``:
+the fold's own pairs are then scored by that model from summed log-probs
+(``scoring.Scorer``, policy and reference in one compiled pass):
 
 - ``reward_margin``: the implicit reward margin ``beta * (sum rho_w - sum rho_l)``
   (TRL's ``rewards/chosen - rewards/rejected``, SPEC section 10);
@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from tidpo_mlx.batching import collate, eval_batches
 from tidpo_mlx.config import PRESETS, Config
 from tidpo_mlx.data import Example, PairEncoder, encode_checked, hf_dataset_keys, parse_row
 from tidpo_mlx.errors import ConfigError, DataError, MissingFileError
@@ -44,6 +43,7 @@ from tidpo_mlx.sources import Rows, Source, read_jsonl, resolve_source
 
 if TYPE_CHECKING:
     from tidpo_mlx.forward import Forward
+    from tidpo_mlx.scoring import Scorer
 
 SCORES = ("reward_margin", "logp_margin", "ref_margin")
 """Per-pair scores; lower = more likely flipped."""
@@ -159,18 +159,16 @@ def write_fold_data(pairs: Sequence[AuditPair], fold: int, folder: Path) -> None
     write_jsonl(folder / "valid.jsonl", [p.row for p in pairs if p.fold == fold])
 
 
-def score_pairs(fwd: Forward, tokenizer: Any, cfg: Config, pairs: Sequence[AuditPair], batch_size: int) -> None:
-    """Fill ``scores`` of ``pairs`` with the current policy (``evaluate_pairs``; triplet off: it moves no margin)."""
-    from tidpo_mlx.evaluation import Pairs, evaluate_pairs
-
-    scoring = dataclasses.replace(cfg, anchor="none")
-    held = Pairs("audit", [p.row for p in pairs], [p.example for p in pairs], PairEncoder(tokenizer, scoring), [])
+def score_pairs(scorer: Scorer, cfg: Config, pairs: Sequence[AuditPair], batch_size: int) -> None:
+    """Fill ``scores`` of ``pairs`` from the summed log-probs of the current policy and the reference
+    (both in one compiled pass; the triplet term moves no margin)."""
+    batches = scorer.batches([p.example for p in pairs], batch_size)
+    sums = scorer.sums(batches, "both")
     by_index = {p.index: p for p in pairs}
-    for rec in evaluate_pairs(fwd, tokenizer, scoring, held, batch_size):
-        p = by_index[rec["index"]]
-        reward = rec["reward_chosen"] - rec["reward_rejected"]
-        logp = rec["logp_chosen"] - rec["logp_rejected"]
-        p.scores = {"reward_margin": reward, "logp_margin": logp, "ref_margin": logp - reward / cfg.beta}
+    for j, ex in enumerate(ex for b in batches for ex in b):
+        (chosen, rejected), (ref_chosen, ref_rejected) = sums[:, :, j]
+        logp, ref = chosen - rejected, ref_chosen - ref_rejected
+        by_index[ex.index].scores = {"reward_margin": cfg.beta * (logp - ref), "logp_margin": logp, "ref_margin": ref}
 
 
 def differing(a: Sequence[int], b: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -185,24 +183,16 @@ def differing(a: Sequence[int], b: Sequence[int]) -> tuple[tuple[int, int], tupl
     return (pre, len(a) - suf), (pre, len(b) - suf)
 
 
-def token_log_ratios(fwd: Forward, pad_id: int, examples: Sequence[Example], batch_size: int) -> dict[int, tuple[list[float], list[float]]]:
+def token_log_ratios(scorer: Scorer, examples: Sequence[Example], batch_size: int) -> dict[int, tuple[list[float], list[float]]]:
     """Per response token ``rho_t = log pi - log ref`` of chosen and rejected, by example index."""
-    from tidpo_mlx.models import eval_mode, reference_mode
-    from tidpo_mlx.objective import batch_logprobs
-
     out = {}
-    with eval_mode(fwd.model):
-        for exs in eval_batches(examples, batch_size):
-            batch, layout = fwd.prepare(collate(exs, pad_id))
-            inputs = fwd.embed(batch)
-            logp, _ = batch_logprobs(fwd, batch, inputs, layout, full=False)
-            with reference_mode(fwd.model):
-                ref, _ = batch_logprobs(fwd, batch, inputs, layout, full=False)
-            rho = np.array(logp - ref)
-            b = len(exs)
-            for j, ex in enumerate(exs):
-                out[ex.index] = ([float(v) for v in rho[j, : len(ex.chosen)]],
-                                 [float(v) for v in rho[b + j, : len(ex.rejected)]])
+    for exs in scorer.batches(examples, batch_size):
+        logp, ref = scorer.tokens(exs, "both")
+        rho = np.array(logp - ref)
+        b = len(exs)
+        for j, ex in enumerate(exs):
+            out[ex.index] = ([float(v) for v in rho[j, : len(ex.chosen)]],
+                             [float(v) for v in rho[b + j, : len(ex.rejected)]])
     return out
 
 
@@ -214,17 +204,17 @@ def paper_weights_config(cfg: Config) -> Config:
                                **{k: paper[k] for k in keys})
 
 
-def add_evidence(fwd: Forward, tokenizer: Any, cfg: Config, pairs: Sequence[AuditPair], batch_size: int) -> None:
+def add_evidence(scorer: Scorer, tokenizer: Any, cfg: Config, pairs: Sequence[AuditPair], batch_size: int) -> None:
     """Evidence of ``pairs`` (current policy): paper-preset token weights, per-token rho, the differing spans."""
-    from tidpo_mlx.evaluation import Pairs, pad_id_of
+    from tidpo_mlx.evaluation import Pairs
     from tidpo_mlx.inspection import importance_records
 
     if not pairs:
         return
     wcfg = paper_weights_config(cfg)
     held = Pairs("audit", [p.row for p in pairs], [p.example for p in pairs], PairEncoder(tokenizer, wcfg), [])
-    records = {r["index"]: r for r in importance_records(fwd, tokenizer, wcfg, held, batch_size)}
-    rhos = token_log_ratios(fwd, pad_id_of(tokenizer), [p.example for p in pairs], batch_size)
+    records = {r["index"]: r for r in importance_records(scorer.fwd, tokenizer, wcfg, held, batch_size)}
+    rhos = token_log_ratios(scorer, [p.example for p in pairs], batch_size)
     for p in pairs:
         rec = records[p.index]
         spans = differing(p.example.chosen, p.example.rejected)
@@ -269,7 +259,9 @@ def run_audit(
     rows and run); ``folds=0`` trains nothing and scores with the reference
     (only ``ref_margin``). The caller writes the reports (:func:`write_reports`).
     """
+    from tidpo_mlx.evaluation import pad_id_of
     from tidpo_mlx.models import load_adapter_weights, load_tokenizer, resolve_model
+    from tidpo_mlx.scoring import Scorer
     from tidpo_mlx.trainer import train
 
     if not cfg.uses_reference:
@@ -302,10 +294,11 @@ def run_audit(
         log(f"  fold {k}: trained on {sum(p.fold != k for p in pairs)} pairs in {seconds[f'train_fold_{k}']:.0f} s")
     t = time.perf_counter()
     fwd, tokenizer = load_scoring_model(cfg, attach=bool(folds))
+    scorer = Scorer(fwd, cfg, pad_id_of(tokenizer))
     for k in range(max(folds, 1)):
         if folds:
             load_adapter_weights(fwd.model, trained[k])
-        score_pairs(fwd, tokenizer, cfg, [p for p in pairs if p.fold == (k if folds else -1)], batch)
+        score_pairs(scorer, cfg, [p for p in pairs if p.fold == (k if folds else -1)], batch)
     seconds["score"] = time.perf_counter() - t
     log(f"  scored {len(pairs)} pairs in {seconds['score']:.0f} s")
     rank_pairs(pairs, score)
@@ -315,7 +308,7 @@ def run_audit(
         mine = [p for p in suspects if p.fold == (k if folds else -1)]
         if folds and mine:
             load_adapter_weights(fwd.model, trained[k])
-        add_evidence(fwd, tokenizer, cfg, mine, cfg.batch_size)
+        add_evidence(scorer, tokenizer, cfg, mine, cfg.batch_size)
     seconds["evidence"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - tic
     return AuditResult(pairs, score, folds, seconds, source, notes)

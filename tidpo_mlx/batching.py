@@ -10,7 +10,7 @@ arrays' keys or shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,6 +24,10 @@ Each new shape costs a trace of the whole model (~1 s) while padding stays a
 few tokens (on the bundled data, rounding to 32 padded two thirds of the
 batches from at most 75 to 96 positions).
 """
+
+
+EVAL_TOKENS = 4096
+"""Token budget of an evaluation batch (rows x padded length) when it holds more than the training batch."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,11 @@ class Layout:
         return [slice(0, 2 * b)] + ([slice(2 * b, 3 * b)] if self.anchors else [])
 
 
+def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class Rows:
     """A collated batch of whole rows (NumPy arrays), its layout and its padding id."""
@@ -58,14 +67,23 @@ class Rows:
     arrays: dict[str, np.ndarray]
     layout: Layout
     pad_id: int
+    pad_to: Callable[[int], int] = round_up
+    """How lengths are padded (a forward's own layout pads the same way)."""
 
 
-def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
-    """``n`` rounded up to a multiple of ``multiple``."""
-    return -(-n // multiple) * multiple
+def bucket(n: int) -> int:
+    """``n`` rounded up to a length bucket: multiples of 8 to 128, then eight buckets per doubling
+    (144, 160, ..., 256, 288, ...), so at most 1/8 of a row is padding and 200-1000 tokens take 20 shapes."""
+    step = max(PAD_MULTIPLE, 1 << max(0, (n - 1).bit_length() - 4))
+    return round_up(n, step)
 
 
-def collate(examples: Sequence[Example], pad_id: int, anchors: Sequence[list[int]] | None = None) -> Rows:
+def collate(
+    examples: Sequence[Example],
+    pad_id: int,
+    anchors: Sequence[list[int]] | None = None,
+    pad_to: Callable[[int], int] = round_up,
+) -> Rows:
     """Right-padded whole rows for chosen, rejected (and anchor) sequences, stacked in that order.
 
     Arrays: ``tokens`` (N, L), ``seq_mask`` (N, L: real tokens), ``resp_span``
@@ -76,7 +94,8 @@ def collate(examples: Sequence[Example], pad_id: int, anchors: Sequence[list[int
     rest cannot reach the triplet distance, so the loss is exactly that of the
     whole anchor while the anchor rows pad no longer than the pair. Masks are
     inputs, not constants, so compiled graphs can share them between the
-    attribution and the loss forward.
+    attribution and the loss forward. ``pad_to`` pads lengths (training:
+    :func:`round_up`; evaluation: :func:`bucket`, fewer shapes to compile).
     """
     groups = [[e.chosen for e in examples], [e.rejected for e in examples]]
     if anchors is not None:
@@ -84,8 +103,8 @@ def collate(examples: Sequence[Example], pad_id: int, anchors: Sequence[list[int
     prompts = [e.prompt for e in examples] * len(groups)
     responses = [r for g in groups for r in g]
     n = len(responses)
-    L = round_up(max(len(p) + len(r) for p, r in zip(prompts, responses)))
-    R = round_up(max(len(r) for r in responses))
+    L = pad_to(max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    R = pad_to(max(len(r) for r in responses))
     tokens = np.full((n, L), pad_id, dtype=np.int32)
     seq_mask = np.zeros((n, L), dtype=np.float32)
     resp_span = np.zeros((n, L), dtype=np.float32)
@@ -111,7 +130,7 @@ def collate(examples: Sequence[Example], pad_id: int, anchors: Sequence[list[int
         last=last,
         prompt_len=np.array([len(p) for p in prompts], dtype=np.int32),
     )
-    return Rows(arrays, Layout(pairs=len(examples), anchors=anchors is not None), pad_id)
+    return Rows(arrays, Layout(pairs=len(examples), anchors=anchors is not None), pad_id, pad_to)
 
 
 def batch_order(examples: Sequence[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -143,15 +162,28 @@ def iterate_batches(
             k += 1
 
 
-def eval_batches(examples: Sequence[Example], batch_size: int, limit: int = -1) -> list[list[Example]]:
-    """Held-out batches in length order (no shuffling), ``limit`` batches at most.
+def eval_batches(
+    examples: Sequence[Example], batch_size: int, limit: int = -1, max_tokens: int = 0
+) -> list[list[Example]]:
+    """Held-out batches in length order (no shuffling), of ``limit`` batches' worth of pairs at most.
 
     With a limit, the ``limit * batch_size`` pairs are spread evenly over the
     split in file order (every k-th pair), not the shortest ones, so a subset
-    keeps the split's mix of tasks and lengths.
+    keeps the split's mix of tasks and lengths. With ``max_tokens``, a batch
+    takes more pairs than ``batch_size`` while their chosen and rejected rows,
+    padded to the :func:`bucket` of its longest pair, fit that budget.
     """
     keep = range(len(examples))
     if 0 <= limit and limit * batch_size < len(examples):
         keep = np.unique(np.linspace(0, len(examples) - 1, limit * batch_size).round().astype(int)).tolist()
     order = sorted(keep, key=lambda i: (examples[i].length, i))
-    return [[examples[i] for i in order[j: j + batch_size]] for j in range(0, len(order), batch_size)]
+    if not max_tokens:
+        return [[examples[i] for i in order[j: j + batch_size]] for j in range(0, len(order), batch_size)]
+    batches: list[list[Example]] = []
+    for i in order:
+        ex = examples[i]
+        if batches and (len(batches[-1]) < batch_size or (len(batches[-1]) + 1) * 2 * bucket(ex.length) <= max_tokens):
+            batches[-1].append(ex)
+        else:
+            batches.append([ex])
+    return batches

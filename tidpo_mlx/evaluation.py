@@ -28,8 +28,9 @@ from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example, PairEncoder, encode_checked, held_out_split, hf_dataset_keys
 from tidpo_mlx.forward import Forward
 from tidpo_mlx.metrics import held_out_metrics
-from tidpo_mlx.models import eval_mode, reference_mode
-from tidpo_mlx.objective import PER_PAIR_KEYS, batch_logprobs, batch_objective
+from tidpo_mlx.models import eval_mode
+from tidpo_mlx.objective import PER_PAIR_KEYS, batch_objective
+from tidpo_mlx.scoring import Scorer, Which
 from tidpo_mlx.seeds import EVAL_BATCH, derive_seed
 from tidpo_mlx.sources import read_file, resolve_source
 
@@ -96,39 +97,28 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 class HeldOut:
-    """Held-out metrics of the current policy from summed response log-probs.
+    """Held-out metrics of the current policy from summed response log-probs (``scoring.Scorer``).
 
     The reference's sums are computed once. Each rank evaluates its share of
-    the batches, then the sums are all-summed. Not compiled: held-out batches
-    come in many lengths, and tracing the model once per shape costs more
-    than the compiled forward saves.
+    the batches, then the sums are all-summed.
     """
 
     def __init__(self, fwd: Forward, cfg: Config, examples: list[Example], pad_id: int, world: Any):
-        self.fwd = fwd
         self.cfg = cfg
         self.world = world
-        self.batches = []
-        self.pairs = 0
-        for k, b in enumerate(eval_batches(examples, 2 * cfg.batch_size, cfg.val_batches)):
-            if k % world.size() == world.rank():
-                batch, layout = fwd.prepare(collate(b, pad_id))
-                self.batches.append((batch, layout, np.arange(self.pairs, self.pairs + len(b))))
-            self.pairs += len(b)
-        self.ref = None
-        if cfg.uses_reference:
-            with reference_mode(fwd.model):
-                self.ref = self._sums()
+        self.scorer = Scorer(fwd, cfg, pad_id)
+        batches = self.scorer.batches(examples, 2 * cfg.batch_size, cfg.val_batches)
+        ours = np.arange(len(batches)) % world.size() == world.rank()
+        self.mine = [b for b, keep in zip(batches, ours) if keep]
+        self.positions = np.flatnonzero(np.repeat(ours, [len(b) for b in batches]))
+        self.pairs = sum(len(b) for b in batches)
+        self.ref = self._sums("reference") if cfg.uses_reference else None
 
-    def _sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """Summed log-probs of every held-out pair, chosen and rejected, in the model's current mode."""
+    def _sums(self, which: Which) -> tuple[np.ndarray, np.ndarray]:
+        """Summed log-probs of every held-out pair, chosen and rejected, of the policy or the reference."""
         sums = np.zeros((2, self.pairs), dtype=np.float32)
-        with eval_mode(self.fwd.model):
-            for batch, layout, positions in self.batches:
-                logp, _ = batch_logprobs(self.fwd, batch, self.fwd.embed(batch), layout, chunk=self.cfg.logits_chunk)
-                values = np.array(logp.sum(axis=-1))
-                sums[0, positions] = values[: len(positions)]
-                sums[1, positions] = values[len(positions):]
+        if self.mine:
+            sums[:, self.positions] = self.scorer.sums(self.mine, which)[0]
         if self.world.size() > 1:
             sums = np.array(mx.distributed.all_sum(mx.array(sums), stream=mx.cpu))
         return sums[0], sums[1]
@@ -136,7 +126,7 @@ class HeldOut:
     def __call__(self, policy_is_reference: bool = False) -> dict[str, float]:
         """Metrics of the current policy; ``policy_is_reference`` reuses the reference sums
         (fresh LoRA: lora_b is 0, so the policy computes exactly the reference)."""
-        chosen, rejected = self.ref if policy_is_reference and self.ref is not None else self._sums()
+        chosen, rejected = self.ref if policy_is_reference and self.ref is not None else self._sums("policy")
         per_pair = {"logp_chosen": chosen, "logp_rejected": rejected}
         if self.ref is not None:
             beta = self.cfg.beta

@@ -32,7 +32,7 @@ import mlx.nn as nn
 import numpy as np
 
 from tidpo_mlx.backend.cpu.attention import MASKED, SUPPORTED, PrefixContext, PromptKV, plain_classes
-from tidpo_mlx.batching import Rows, round_up
+from tidpo_mlx.batching import Rows
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def shared_layout(rows: Rows) -> dict[str, np.ndarray]:
     n = a["tokens"].shape[0]
     starts = a["prompt_len"] - 1
     ends = a["last"] + 1
-    L = round_up(int((ends - starts).max()))
+    L = rows.pad_to(int((ends - starts).max()))
     R = a["resp_pos"].shape[1]
     tokens = np.full((n, L), rows.pad_id, dtype=np.int32)
     seq_mask = np.zeros((n, L), dtype=np.float32)
@@ -80,7 +80,7 @@ def shared_layout(rows: Rows) -> dict[str, np.ndarray]:
         seq_mask[i, :width] = 1.0
         resp_span[i, 1:width] = 1.0
         resp_pos[i, : width - 1] = np.arange(1, width)
-    P = round_up(max(1, int(starts[:b].max())))
+    P = rows.pad_to(max(1, int(starts[:b].max())))
     prompt_tokens = np.full((b, P), rows.pad_id, dtype=np.int32)
     prompt_mask = np.zeros((b, P), dtype=np.float32)
     for j in range(b):
