@@ -25,40 +25,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import tidpo_mlx  # noqa: F401  (fast BLAS before the first import of mlx)
-
-WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from "
-         "or had by hot word but what some we can out other were all there when up use your how said an "
-         "each she which do their time if will way about many then them write would like so these her long "
-         "make thing see him two has look more day could go come did number sound no most people my over "
-         "know water than call first who may down side been now find any new work part take get place made "
-         "live where after back little only round man year came show every good me give our under name very "
-         "through just form sentence great think say help low line differ turn cause much mean before move "
-         "right boy old too same tell does set three want air well also play small end put home read hand").split()
-
-
-def sentence(rng: random.Random, lo: int, hi: int) -> str:
-    """A random sentence of ``lo``..``hi`` words."""
-    words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
-    return " ".join(words).capitalize() + rng.choice((".", "?", "!", "."))
-
-
-def transcript(turns: list[tuple[str, str]]) -> str:
-    """An HH transcript string of ``(speaker, text)`` turns."""
-    return "".join(f"\n\n{who}: {text}" for who, text in turns)
-
-
-def hh_row(rng: random.Random) -> dict[str, Any]:
-    """One HH-like pair: 1-3 earlier exchanges, a last human turn, two different answers."""
-    turns: list[tuple[str, str]] = []
-    for _ in range(rng.choice((0, 0, 1, 1, 2))):
-        turns += [("Human", sentence(rng, 6, 30)), ("Assistant", sentence(rng, 10, 50))]
-    turns.append(("Human", sentence(rng, 6, 36)))
-    chosen = transcript(turns + [("Assistant", sentence(rng, 12, 100))])
-    rejected = transcript(turns + [("Assistant", sentence(rng, 8, 80))])
-    return {"chosen": chosen, "rejected": rejected}
+from chat_data import hh_row
 
 
 def write_data(folder: Path, pairs: int, seed: int = 0) -> None:

@@ -29,7 +29,8 @@ from mlx.utils import tree_flatten
 from tidpo_mlx.batching import collate, eval_batches
 from tidpo_mlx.config import load_config
 from tidpo_mlx.models import eval_mode, reference_mode
-from tidpo_mlx.objective import batch_logprobs
+from tidpo_mlx.evaluation import Pairs, evaluate_pairs
+from tidpo_mlx.objective import batch_logprobs, batch_objective
 from tidpo_mlx.scoring import Scorer
 from tidpo_mlx.trainer import compile_steps, prepare
 
@@ -62,6 +63,15 @@ def main() -> None:
                         out.append(batch_logprobs(fwd, batch, fwd.embed(batch), layout, chunk=cfg.logits_chunk)[0].sum(-1))
                 mx.eval(out)
 
+    objective_batches = [fwd.prepare(collate(b, run.pad_id)) for b in eval_batches(valid, cfg.batch_size)]
+
+    def plain_objective() -> None:
+        with eval_mode(model):
+            for batch, layout in objective_batches:
+                mx.eval(batch_objective(fwd, cfg, batch, layout)[1])
+
+    pairs_in = Pairs("held-out split", [], valid, run.encoder, [])
+
     def training() -> None:
         for batch, layout in train:
             mx.eval(grad_step(batch, layout))
@@ -71,11 +81,14 @@ def main() -> None:
         "scorer policy": lambda: scorer.sums(batches, "policy"),
         "plain policy + reference": lambda: plain(True),
         "scorer both": lambda: scorer.sums(batches, "both"),
+        "eval objective, plain": plain_objective,
+        "eval objective (evaluate_pairs)": lambda: evaluate_pairs(fwd, run.tokenizer, cfg, pairs_in, cfg.batch_size),
         "training micro-step": training,
     }
     pairs = {name: len(valid) for name in runs}
     pairs["training micro-step"] = opts.steps * cfg.batch_size
     scorer.sums(batches, "policy"), scorer.sums(batches, "both"), training()
+    evaluate_pairs(fwd, run.tokenizer, cfg, pairs_in, cfg.batch_size)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(opts.repeats):
         for name, fn in runs.items():
@@ -86,9 +99,11 @@ def main() -> None:
     print(f"{opts.recipe}: {len(valid)} held-out pairs in {len(batches)} scorer batches "
           f"({len(plain_batches)} plain), load {os.getloadavg()[0]:.1f}")
     for name, v in med.items():
-        print(f"  {name:26s} {v * 1e3:8.1f} ms/pair  (runs: {', '.join(f'{x * 1e3:.1f}' for x in times[name])})")
+        print(f"  {name:32s} {v * 1e3:8.1f} ms/pair  (runs: {', '.join(f'{x * 1e3:.1f}' for x in times[name])})")
     print(f"  scorer / plain, policy:             {med['scorer policy'] / med['plain policy']:.2f}")
     print(f"  scorer both / plain two passes:     {med['scorer both'] / med['plain policy + reference']:.2f}")
+    print(f"  evaluate_pairs / plain objective:   "
+          f"{med['eval objective (evaluate_pairs)'] / med['eval objective, plain']:.2f}")
     print(f"  scorer policy / training micro-step: {med['scorer policy'] / med['training micro-step']:.2f}")
 
 

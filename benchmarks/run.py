@@ -1,13 +1,14 @@
 """Benchmarks of issue 6, printed as ratios measured in one run on the same batches.
 
     python benchmarks/run.py [--quick] [--json out.json] [--repeats N] [--only NAMES]
+    python benchmarks/run.py --lengths 58,180,512,1024 --steps 6 --first 3 --only NAMES
 
 Configuration: batch 2 pairs, LoRA rank 8 (scale 20, dropout 0; PEFT
 lora_alpha = 160) on all 7 linear layers of the last 16 blocks,
 SmolLM2-135M-Instruct computed in float32, ~53 tokens per templated sequence
 (the 2 x steps pairs of the data closest to that), median of steps 6..N
-(N = 20, --quick: 10). Every tool trains on the same token ids in the same
-batch order, padded to the same length.
+(N = 20, --quick: 10; --first sets the 6). Every tool trains on the same
+token ids in the same batch order, padded to the same length.
 
 Each measurement runs in its own process (clean peak memory, no cross-talk);
 by default they run side by side in lockstep (one tool takes one step at a
@@ -25,6 +26,13 @@ threads for every tool (a loaded 2-core machine is unmeasurable otherwise).
   trl              TRL DPOTrainer + PEFT LoRA on torch CPU, fp32, no gradient checkpointing,
                    reference = adapters off, precompute_ref_log_probs off
   quickstart       `tidpo-mlx train --quiet` with the default recipe (skipped by --quick)
+
+--lengths 58,180,512,1024 repeats all of it per length (pairs that long are multi-turn chat
+pairs from chat_data.py when the data has none) and ends with one table of every tool's s/step
+and peak memory per length, and our FLOP utilisation: FLOPs per second of our DPO and TI-DPO
+steps (``step_flops``: "model" counts what the method needs over full rows, "executed" what our
+shared-prefix, compiled step computes) over the GEMM rate `tidpo-mlx doctor` measures, taken in
+the same run before and after the steps.
 
 The figures (see benchmarks/README.md): 1 TI-DPO step / our DPO step; 2 our
 DPO / mlx-lm-lora DPO; 3 our DPO / TRL; 4 peak memory of our steps / mlx-lm
@@ -51,6 +59,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import tidpo_mlx  # noqa: F401  (fast BLAS before the first import of mlx)
+from chat_data import chat_rows
 
 HERE = Path(__file__).resolve()
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tidpo-mlx" / "bench"
@@ -173,11 +182,20 @@ def ours_config(data: str, adapter_path: str, steps: int, extra: dict[str, Any])
     return build_config(recipe)
 
 
+def length_limits(target_tokens: float) -> dict[str, int]:
+    """``max_length`` / ``max_prompt_length`` that truncate none of the pairs picked for ``target_tokens``."""
+    longest = max(1024, int(2 * target_tokens))
+    return dict(max_length=longest + 512, max_prompt_length=longest)
+
+
 def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str, Any]:
     """Pick the pairs, write the data folders our trainer reads, and record the batches it will see.
 
-    Returns the spec every worker reads: data folders, the fused float32 HF model, and the
-    token ids of each step's batch (prompt, chosen, rejected per pair) in our trainer's order.
+    The pairs are the data's closest to ``target_tokens`` per templated sequence; when those miss it
+    by more than 15 % on average (the bundled pairs are about 58 tokens), they are multi-turn chat
+    pairs of that length from ``chat_data.py`` instead. Returns the spec every worker reads: data
+    folders, the fused float32 HF model, and the token ids of each step's batch (prompt, chosen,
+    rejected per pair) in our trainer's order.
     """
     from tidpo_mlx.batching import iterate_batches
     from tidpo_mlx.data import load_dataset, read_jsonl, resolve_data_dir
@@ -191,22 +209,32 @@ def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str
     except Exception:  # bundled data not there yet: a temporary folder of similar pairs
         rows = synthetic_rows(400)
         source = "synthetic arithmetic pairs (bundled data missing)"
-    cfg = ours_config(data, str(work / "unused"), steps, {})
+    limits = length_limits(target_tokens)
+    cfg = ours_config(data, str(work / "unused"), steps, limits)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
 
-    # Encode every row once to find the pairs whose sequences are closest to the target length.
-    scratch = work / "all"
-    scratch.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid"):
-        (scratch / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    encoded = load_dataset(str(scratch), tokenizer, cfg).train
+    n_pairs = BATCH * steps
 
     def seq_len(e):
         return (2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2
 
-    order = sorted(range(len(encoded)), key=lambda i: (abs(seq_len(encoded[i]) - target_tokens), i))
-    n_pairs = BATCH * steps
+    def closest(rows: list[dict[str, Any]]) -> list[int]:
+        """Row indices by distance of their encoded sequences from the target (encoded once)."""
+        scratch = work / "all"
+        scratch.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "valid"):
+            (scratch / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        encoded = load_dataset(str(scratch), tokenizer, cfg).train
+        order = sorted(range(len(encoded)), key=lambda i: (abs(seq_len(encoded[i]) - target_tokens), i))
+        mean = statistics.mean(seq_len(encoded[i]) for i in order[:n_pairs])
+        return order if abs(mean - target_tokens) <= 0.15 * target_tokens else []
+
+    order = closest(rows)
+    if not order:
+        rows = chat_rows(max(400, 4 * n_pairs), int(target_tokens))
+        source = f"multi-turn chat pairs of about {target_tokens:.0f} tokens (benchmarks/chat_data.py)"
+        order = closest(rows)
     picked = sorted(order[:n_pairs])
     valid = order[n_pairs: n_pairs + BATCH]
     folders = {}
@@ -240,7 +268,62 @@ def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str
         batches=batches,
         tokens_per_sequence=sum(lengths) / len(lengths),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        limits=limits,
     )
+
+
+def model_shape(model_path: str) -> dict[str, int]:
+    """The sizes the FLOP count needs, from the model folder's ``config.json``."""
+    c = json.loads((Path(model_path) / "config.json").read_text())
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return dict(hidden=c["hidden_size"], layers=c["num_hidden_layers"], inter=c["intermediate_size"],
+                attn=heads * head_dim, kv=c.get("num_key_value_heads", heads) * head_dim, vocab=c["vocab_size"])
+
+
+def step_flops(batch: list[dict[str, list[int]]], shape: dict[str, int], variant: str) -> dict[str, float]:
+    """Matmul FLOPs of one of our steps on ``batch``: ``model`` (what the method needs) and ``executed``.
+
+    Per layer a token costs 2 W (W: the block's weights, q/k/v/o and the 3 MLP matrices) and a
+    sequence of S tokens 2 d_attn S^2 of causal attention (QK^T and AV over the lower triangle);
+    the head costs 2 d V per response token. A backward pass computes input gradients only (the base
+    is frozen; LoRA's rank-8 products are left out): 2 W per token, twice the attention. ``model``:
+    the policy and the reference forward over every row in full, the loss's backward through the
+    blocks with adapters (the last ``NUM_LAYERS``) and the head; TI-DPO adds the attribution's
+    backward through every block from the last position's max-logit to the response embeddings
+    (SPEC section 1: only the response tokens' importance is used, and no earlier position depends
+    on them; its forward is the policy forward). ``executed``: the same with each pair's prompt
+    counted once (the shared-prefix layout) and the reference forward of the blocks without
+    adapters left out (the compiled step computes them once for both: same weights).
+    """
+    d, layers = shape["hidden"], shape["layers"]
+    weights = d * (2 * shape["attn"] + 2 * shape["kv"]) + 3 * d * shape["inter"]
+    response = sum(len(p["chosen"]) + len(p["rejected"]) for p in batch)
+    head = 2 * d * shape["vocab"] * response
+    full = sum((len(p["prompt"]) + len(p[k])) ** 2 for p in batch for k in ("chosen", "rejected"))
+    prompts = sum(len(p["prompt"]) ** 2 for p in batch)
+    attribution = layers * (2 * weights * response + 2 * 2 * shape["attn"] * (full - 2 * prompts))
+    out = {}
+    for kind in ("model", "executed"):
+        tokens = sum((2 if kind == "model" else 1) * len(p["prompt"]) for p in batch) + response
+        attention = 2 * shape["attn"] * (full - (0 if kind == "model" else prompts))
+        block_fwd, block_bwd = 2 * weights * tokens + attention, 2 * weights * tokens + 2 * attention
+        ref_layers = layers if kind == "model" else NUM_LAYERS
+        flops = (layers + ref_layers) * block_fwd + 2 * head + NUM_LAYERS * block_bwd + head
+        out[kind] = flops + (attribution if variant != "dpo" else 0)
+    return out
+
+
+def utilisation(result: dict[str, Any], spec: dict[str, Any], variant: str, gemm: float, first: int) -> dict[str, float]:
+    """Median over steps ``first``..N of FLOPs per second of one of our runs, over the GEMM rate."""
+    shape = model_shape(spec["model_path"])
+    per_step = [step_flops(b, shape, variant) for b in spec["batches"]]
+    out = {}
+    for kind in ("model", "executed"):
+        rates = [f[kind] / t for f, t in zip(per_step, result["step_times"])][first - 1:]
+        out[f"{kind}_gflop_per_step"] = statistics.median(f[kind] for f in per_step) / 1e9
+        out[f"{kind}_utilisation"] = statistics.median(rates) / 1e9 / gemm if rates else float("nan")
+    return out
 
 
 def padded_length(batch: list[dict[str, list[int]]]) -> int:
@@ -309,7 +392,7 @@ def worker_ours(spec: dict[str, Any], variant: str) -> dict[str, Any]:
         extra["anchor_every"] = spec["anchor_every"]
     if variant == "tidpo_sampled" and not spec["has_anchor_every"]:
         extra.pop("anchor_every")
-    cfg = ours_config(data, spec["adapter_path"], spec["steps"], extra)
+    cfg = ours_config(data, spec["adapter_path"], spec["steps"], {**spec["limits"], **extra})
     times: list[float] = []
     tokens: list[float] = []
     peak = {}
@@ -664,8 +747,9 @@ def measure_lockstep(names: list[str], spec: dict[str, Any], work: Path, round_:
     return results, loads
 
 
-def summarise(name: str, runs: list[dict[str, Any]], anchor_every: int) -> dict[str, Any]:
-    """Pool the repeats of one measurement: s/step (median of steps 6..N, pooled), peak memory."""
+def summarise(name: str, runs: list[dict[str, Any]], spec: dict[str, Any], first: int, gemm: float) -> dict[str, Any]:
+    """Pool the repeats of one measurement: s/step (median of steps ``first``..N, pooled), peak memory,
+    and for our DPO and TI-DPO (triplet off) the FLOP utilisation against ``gemm`` GFLOP/s."""
     ok = [r for r in runs if "error" not in r]
     out: dict[str, Any] = {"runs": runs}
     if not ok:
@@ -677,14 +761,19 @@ def summarise(name: str, runs: list[dict[str, Any]], anchor_every: int) -> dict[
         out["held_out"] = ok[-1]["held_out"]
         return out
     if name == "ours:tidpo_amortised":
-        per_run = [amortised_mean(r["step_times"], anchor_every) for r in ok]
+        every = spec["anchor_every"]
+        per_run = [amortised_mean(r["step_times"], every, first) for r in ok]
         out["step_s"] = statistics.median(per_run)
-        out["statistic"] = f"mean over whole {anchor_every}-step sampling cycles inside steps 6..N"
+        out["statistic"] = f"mean over whole {every}-step sampling cycles inside steps {first}..N"
     else:
-        pooled = [t for r in ok for t in r["step_times"][5:]]
+        pooled = [t for r in ok for t in r["step_times"][first - 1:]]
         out["step_s"] = statistics.median(pooled) if pooled else float("nan")
-        out["per_run_step_s"] = [median_tail(r["step_times"]) for r in ok]
-        out["statistic"] = "median of steps 6..N, pooled over repeats"
+        out["per_run_step_s"] = [median_tail(r["step_times"], first) for r in ok]
+        out["statistic"] = f"median of steps {first}..N, pooled over repeats"
+    if name in ("ours:dpo", "ours:tidpo_no_triplet"):
+        variant = name.split(":", 1)[1]
+        parts = [utilisation(r, spec, variant, gemm, first) for r in ok]
+        out.update({k: statistics.median(p[k] for p in parts) for k in parts[0]})
     peaks = [r["peak_gb"] for r in ok if r.get("peak_gb") is not None]
     if peaks:
         out["peak_gb"] = max(peaks)
@@ -746,6 +835,15 @@ def print_report(report: dict[str, Any]) -> None:
         loads = [x["load_before"][0] for x in r["runs"] if "load_before" in x]
         print(f"{LABELS.get(name, name):48s} {r['step_s']:8.3f} {peak if peak else float('nan'):8.3f}{mark}  "
               f"{'/'.join(f'{x:.1f}' for x in loads)}")
+    gemm = report["gemm_gflops"]
+    print(f"\nGEMM (doctor's 1024 fp32 matmul, best of 3): {gemm['before']:.0f} GFLOP/s before, "
+          f"{gemm['after']:.0f} after")
+    for name in ("ours:dpo", "ours:tidpo_no_triplet"):
+        r = res.get(name, {})
+        if "model_utilisation" in r:
+            print(f"{LABELS[name]:48s} {r['model_gflop_per_step']:7.0f} GFLOP/step (model), "
+                  f"{100 * r['model_utilisation']:3.0f} % of GEMM; executed {r['executed_gflop_per_step']:7.0f}, "
+                  f"{100 * r['executed_utilisation']:3.0f} %")
     print()
     print(f"{'figure':6s} {'ratio':>6s} {'target':>7s}  {'':4s} what")
     for f in report["figures"]:
@@ -762,14 +860,125 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"5      quickstart failed: {q['error']}")
 
 
+def gemm_rate() -> float:
+    """The GEMM rate ``tidpo-mlx doctor`` reports (GFLOP/s, 1024 fp32), best of 3 measurements."""
+    from tidpo_mlx.doctor import gemm_gflops
+
+    return max(gemm_gflops() for _ in range(3))
+
+
+def measure_length(args: argparse.Namespace, names: list[str], steps: int, tokens: float,
+                   info: dict[str, Any]) -> dict[str, Any]:
+    """Every measurement in ``names`` on pairs of about ``tokens`` tokens per sequence: one report."""
+    work = Path(tempfile.mkdtemp(prefix="tidpo-bench-"))
+    load_start = load_avg()
+    print(f"work folder {work}; {tokens:.0f} tokens per sequence; load {load_start}", file=sys.stderr)
+    spec = prepare(work, args.data, steps, tokens)
+    spec.update(steps=steps, anchor_every=args.anchor_every, has_anchor_every=info["has_anchor_every"])
+    if any(n in names for n in ("mlx_lm_lora", "trl", "mlx_lm_sft")):
+        spec["fused"] = fused_float32(spec["model_path"], work / "fuse.log")
+    if "bundled data missing" in spec["data_source"]:  # the default recipe's bundled data is missing
+        spec["quickstart_data"] = spec["data"]
+    gemm_before = gemm_rate()
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    step_loads: list[list[float]] = []
+    stepped = [n for n in names if n != "quickstart"]
+    for r in range(args.repeats):
+        if args.sequential:
+            for name in stepped:
+                tag = f"{name.replace(':', '-')}-{r}"
+                print(f"[{r + 1}/{args.repeats}] {name} (load {load_avg()[0]:.1f}) ...", file=sys.stderr, flush=True)
+                result = measure(name, spec, work, tag, args.timeout)
+                if "error" in result:
+                    print(f"  failed: {result['error']}\n  " + "\n  ".join(result["log_tail"]), file=sys.stderr)
+                runs[name].append(result)
+        elif stepped:
+            print(f"[{r + 1}/{args.repeats}] lockstep: {', '.join(stepped)} (load {load_avg()[0]:.1f})",
+                  file=sys.stderr, flush=True)
+            results, loads = measure_lockstep(stepped, spec, work, r, args.timeout)
+            step_loads.extend(loads)
+            for name in stepped:
+                runs[name].append(results[name])
+    if "quickstart" in names:
+        print(f"quickstart (load {load_avg()[0]:.1f}) ...", file=sys.stderr, flush=True)
+        runs["quickstart"].append(measure("quickstart", spec, work, "quickstart", args.timeout))
+    gemm_after = gemm_rate()
+    gemm = statistics.mean((gemm_before, gemm_after))
+    measurements = {n: summarise(n, runs[n], spec, args.first, gemm) for n in names}
+    anchor_every = args.anchor_every if info["has_anchor_every"] else None
+    report = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=info, steps=steps, first_timed_step=args.first,
+        repeats=args.repeats, load_start=load_start, load_end=load_avg(), data_source=spec["data_source"],
+        mode="sequential" if args.sequential else "lockstep", threads=args.threads or "library default",
+        load_during_steps=dict(min=min(l[0] for l in step_loads), median=statistics.median(l[0] for l in step_loads),
+                               max=max(l[0] for l in step_loads)) if step_loads else None,
+        gemm_gflops=dict(before=gemm_before, after=gemm_after),
+        data_has_anchor=spec["data_has_anchor"], tokens_per_sequence=spec["tokens_per_sequence"],
+        target_tokens=tokens, batch_shapes=sorted({padded_length(b) for b in spec["batches"]}),
+        batch_lengths=[[[len(p[k]) for k in ("prompt", "chosen", "rejected")] for p in b] for b in spec["batches"]],
+        config=dict(batch_pairs=BATCH, lora=LORA, num_layers=NUM_LAYERS, learning_rate=LEARNING_RATE,
+                    anchor_every=anchor_every, dtype="float32", **spec["limits"]),
+        measurements=measurements, figures=figures(measurements, anchor_every),
+    )
+    print_report(report)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work}", file=sys.stderr)
+    return report
+
+
+SWEEP_TARGETS = dict(tidpo_over_dpo=1.2, dpo_over_trl=0.6, dpo_over_mlx_lm_lora=0.5, peak_over_sft=1.0,
+                     utilisation=0.5)
+"""Issue 16's targets at 512 tokens per sequence."""
+
+
+def print_sweep(reports: list[dict[str, Any]]) -> None:
+    """One line per length: every tool's s/step and peak GB, our utilisation, the ratios of the targets."""
+    print("\nlength sweep (s/step, peak GB; utilisation = FLOPs/s over the GEMM rate measured in the same run)")
+    names = [n for n in reports[0]["measurements"] if n != "quickstart"]
+    print(f"{'tokens':>7s} {'GEMM':>6s} " + " ".join(f"{LABELS.get(n, n).split(' (')[0][:22]:>22s}" for n in names))
+    for rep in reports:
+        res, gemm = rep["measurements"], statistics.mean(rep["gemm_gflops"].values())
+        cells = []
+        for name, r in res.items():
+            if name == "quickstart":
+                continue
+            peak = r.get("peak_gb") or r.get("peak_rss_gb") or float("nan")
+            cells.append("failed" if "error" in r else f"{r['step_s']:.2f} s {peak:.2f} GB")
+        print(f"{rep['tokens_per_sequence']:7.0f} {gemm:6.0f} " + " ".join(f"{c:>22s}" for c in cells))
+    print(f"\n{'tokens':>7s} {'DPO MFU':>8s} {'exec.':>6s} {'TI MFU':>7s} {'exec.':>6s}  "
+          f"{'TI/DPO':>6s} {'DPO/TRL':>7s} {'DPO/lora':>8s} {'peak/SFT':>8s}   (targets at 512: "
+          + ", ".join(f"{k} <= {v:g}" if k != "utilisation" else f"{k} >= {v:g}" for k, v in SWEEP_TARGETS.items())
+          + ")")
+    for rep in reports:
+        res = rep["measurements"]
+        fig = {f["figure"]: f["ratio"] for f in rep["figures"]}
+
+        def pct(name: str, kind: str) -> str:
+            value = res.get(name, {}).get(f"{kind}_utilisation")
+            return "-" if value is None else f"{100 * value:.0f} %"
+
+        def num(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}"
+
+        print(f"{rep['tokens_per_sequence']:7.0f} {pct('ours:dpo', 'model'):>8s} {pct('ours:dpo', 'executed'):>6s} "
+              f"{pct('ours:tidpo_no_triplet', 'model'):>7s} {pct('ours:tidpo_no_triplet', 'executed'):>6s}  "
+              f"{num(fig.get('1')):>6s} {num(fig.get('3')):>7s} {num(fig.get('2')):>8s} {num(fig.get('4')):>8s}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10 steps, no quickstart run")
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement (default 20; --quick 10)")
+    parser.add_argument("--first", type=int, default=6, help="first timed step (the ones before warm up)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every measurement (interleaved)")
     parser.add_argument("--data", default="arith", help="data folder or bundled name (pairs are picked from train)")
     parser.add_argument("--tokens", type=float, default=53.0, help="target tokens per templated sequence")
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated targets (tokens per sequence): a length sweep, one run per length, "
+                             "e.g. 58,180,512,1024 (replaces --tokens)")
     parser.add_argument("--anchor-every", type=int, default=5, help="K of the amortised-anchor variant")
     parser.add_argument("--only", default=None, help="comma-separated measurement names (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated measurement names to leave out")
@@ -778,7 +987,7 @@ def main() -> None:
                              "default: the libraries' own (all cores)")
     parser.add_argument("--sequential", action="store_true",
                         help="one tool after the other (default: all side by side, steps in round-robin)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, adapters)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folders (logs, adapters)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -805,59 +1014,16 @@ def main() -> None:
         names = [n for n in names if n in args.only.split(",")]
     names = [n for n in names if n not in args.skip.split(",")]
 
-    work = Path(tempfile.mkdtemp(prefix="tidpo-bench-"))
-    load_start = load_avg()
-    print(f"work folder {work}; load {load_start}", file=sys.stderr)
-    info = machine()
-    spec = prepare(work, args.data, steps, args.tokens)
-    spec.update(steps=steps, anchor_every=args.anchor_every, has_anchor_every=has_anchor_every)
-    if any(n in names for n in ("mlx_lm_lora", "trl", "mlx_lm_sft")):
-        spec["fused"] = fused_float32(spec["model_path"], work / "fuse.log")
-    if "synthetic" in spec["data_source"]:  # the default recipe's bundled data is missing
-        spec["quickstart_data"] = spec["data"]
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    step_loads: list[list[float]] = []
-    stepped = [n for n in names if n != "quickstart"]
-    for r in range(args.repeats):
-        if args.sequential:
-            for name in stepped:
-                tag = f"{name.replace(':', '-')}-{r}"
-                print(f"[{r + 1}/{args.repeats}] {name} (load {load_avg()[0]:.1f}) ...", file=sys.stderr, flush=True)
-                result = measure(name, spec, work, tag, args.timeout)
-                if "error" in result:
-                    print(f"  failed: {result['error']}\n  " + "\n  ".join(result["log_tail"]), file=sys.stderr)
-                runs[name].append(result)
-        elif stepped:
-            print(f"[{r + 1}/{args.repeats}] lockstep: {', '.join(stepped)} (load {load_avg()[0]:.1f})",
-                  file=sys.stderr, flush=True)
-            results, loads = measure_lockstep(stepped, spec, work, r, args.timeout)
-            step_loads.extend(loads)
-            for name in stepped:
-                runs[name].append(results[name])
-    if "quickstart" in names:
-        print(f"quickstart (load {load_avg()[0]:.1f}) ...", file=sys.stderr, flush=True)
-        runs["quickstart"].append(measure("quickstart", spec, work, "quickstart", args.timeout))
-    measurements = {n: summarise(n, runs[n], args.anchor_every) for n in names}
-    report = dict(
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=info, steps=steps, repeats=args.repeats,
-        load_start=load_start, load_end=load_avg(), data_source=spec["data_source"],
-        mode="sequential" if args.sequential else "lockstep", threads=args.threads or "library default",
-        load_during_steps=dict(min=min(l[0] for l in step_loads), median=statistics.median(l[0] for l in step_loads),
-                               max=max(l[0] for l in step_loads)) if step_loads else None,
-        data_has_anchor=spec["data_has_anchor"], tokens_per_sequence=spec["tokens_per_sequence"],
-        batch_shapes=sorted({padded_length(b) for b in spec["batches"]}),
-        config=dict(batch_pairs=BATCH, lora=LORA, num_layers=NUM_LAYERS, learning_rate=LEARNING_RATE,
-                    anchor_every=args.anchor_every if has_anchor_every else None, dtype="float32"),
-        measurements=measurements, figures=figures(measurements, args.anchor_every if has_anchor_every else None),
-    )
-    print_report(report)
+    info = dict(machine(), has_anchor_every=has_anchor_every)
+    lengths = [float(x) for x in args.lengths.split(",")] if args.lengths else [args.tokens]
+    reports = [measure_length(args, names, steps, tokens, info) for tokens in lengths]
+    if len(reports) > 1:
+        print_sweep(reports)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    print("\n" + json.dumps({f["figure"]: f["ratio"] for f in report["figures"]}))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        print(f"kept {work}", file=sys.stderr)
+        Path(args.json).write_text(json.dumps(reports[0] if len(reports) == 1 else dict(sweep=reports), indent=2))
+    for rep in reports:
+        print("\n" + json.dumps({"tokens": round(rep["tokens_per_sequence"], 1),
+                                 **{f["figure"]: f["ratio"] for f in rep["figures"]}}))
 
 
 if __name__ == "__main__":

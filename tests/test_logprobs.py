@@ -149,7 +149,7 @@ def test_objective_chunked_equals_plain(tiny, preset, loss_type, chunk):
 
 
 def test_objective_uncompiled_chunked_equals_plain(tiny):
-    """The eval path (``evaluate_pairs``) runs the objective uncompiled: same values."""
+    """The objective uncompiled (as a plain call runs it): the chunked head gives the whole-vocabulary values."""
     fwd, examples = tiny
     batch, layout = fwd.prepare(collate(examples, 0))
     outs = [

@@ -1,4 +1,4 @@
-"""Compiled, bucketed log-prob passes (``scoring.Scorer``) give what the plain uncompiled computation gives.
+"""Compiled, bucketed passes (``scoring.Scorer``, ``evaluate_pairs``) give what the plain uncompiled computation gives.
 
 The reference is each pair alone, padded only to a multiple of 8, through
 ``objective.batch_logprobs`` without ``mx.compile``; the scorer batches pairs
@@ -19,9 +19,10 @@ from tidpo_mlx.backend.cpu.forward import CpuForward
 from tidpo_mlx.batching import EVAL_TOKENS, bucket, collate, eval_batches
 from tidpo_mlx.config import build_config
 from tidpo_mlx.data import PairEncoder
+from tidpo_mlx.evaluation import Pairs, evaluate_pairs
 from tidpo_mlx.forward import make_forward
 from tidpo_mlx.models import attach_trainable, eval_mode, load_base, reference_mode
-from tidpo_mlx.objective import batch_logprobs
+from tidpo_mlx.objective import batch_logprobs, batch_objective
 from tidpo_mlx.scoring import Scorer
 
 from test_objective import ROWS, _randomise_lora
@@ -115,3 +116,31 @@ def test_compiled_bucketed_sums_equal_plain_ones(request, fixture, keys):
         np.testing.assert_allclose(after[1], want[1], rtol=1e-4, atol=1e-3)
     else:
         np.testing.assert_allclose(after[0], after[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("keys", [
+    {"loss_type": "dpo", "weighting": "none"},
+    {},
+    {"preset": "official"},
+])
+def test_eval_command_compiled_equals_each_pair_alone(tiny_model, keys):
+    """``evaluate_pairs`` (compiled, bucketed, batches of many pairs) == ``batch_objective`` on each pair alone."""
+    cfg = build_config({"model": str(tiny_model), "num_layers": 1, "gamma": 0.0, **keys})
+    model, tok, _ = load_base(tiny_model)
+    fwd, _ = make_forward(model, cfg)
+    attach_trainable(model, cfg)
+    _randomise_lora(model, seed=5)
+    enc = PairEncoder(tok, cfg)
+    rows = _rows(14)
+    examples = [enc.encode_row(i, f"mem:{i}", r) for i, r in enumerate(rows)]
+    records = evaluate_pairs(fwd, tok, cfg, Pairs("mem", rows, examples, enc, []), 3)
+    assert [r["index"] for r in records] == list(range(len(examples)))
+    keys_seen = set(records[0]) - {"index"}
+    assert {"loss", "reward_chosen", "logp_rejected"} <= keys_seen
+    with eval_mode(model):
+        for ex, rec in zip(examples, records):
+            batch, layout = fwd.prepare(collate([ex], tok.pad_token_id or 0))
+            _, aux = batch_objective(fwd, cfg, batch, layout)
+            for k in keys_seen:
+                np.testing.assert_allclose(rec[k], float(aux[k][0]), rtol=1e-4, atol=2e-4, err_msg=k)
+    assert np.std([r["reward_chosen"] for r in records]) > 1e-3

@@ -5,7 +5,8 @@ training (``metrics.py``: TRL's ``rewards/accuracies``, ``rewards/margins``,
 ...). :class:`HeldOut` needs only summed log-probs, with the reference's
 computed once; :func:`evaluate_pairs` runs the recipe's whole objective
 (``objective.batch_objective``, the very function training differentiates)
-on every pair with the model in eval mode.
+on every pair with the model in eval mode. Both are compiled over bucketed
+lengths (``scoring.py``, ``batching.bucket``).
 
 Anchors (triplet term): a pair's ``anchor`` field wins; the others are sampled
 from the policy with the recipe's sampler, seeded from the pair's index
@@ -16,6 +17,7 @@ pair's anchor does not depend on the batch it lands in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from tidpo_mlx.anchors import sample_anchors
-from tidpo_mlx.batching import collate, eval_batches
+from tidpo_mlx.batching import EVAL_TOKENS, Layout, bucket, collate, eval_batches
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example, PairEncoder, encode_checked, held_out_split, hf_dataset_keys
 from tidpo_mlx.forward import Forward
@@ -147,19 +149,34 @@ def evaluate_pairs(
     Records carry ``index`` (0-based position in the file) and the per-pair
     arrays of ``batch_objective`` (``kl_*`` for tdpo losses only). Rewards are
     SPEC section 10's ``beta * sum rho`` (simpo: ``simpo_beta * avg logp``).
+    The objective is compiled once per layout, lengths padded to
+    :func:`~tidpo_mlx.batching.bucket` lengths (few shapes to trace); without
+    the attribution (no gradient inside the objective) batches grow to
+    :data:`~tidpo_mlx.batching.EVAL_TOKENS` like the held-out pass, with them
+    they keep ``batch_size`` pairs (the attribution's backward holds a training
+    micro-step's activations).
     """
     pad = pad_id_of(tokenizer)
+    model = fwd.model
+    state = [model.state, mx.random.state, model.__dict__.get("_reference_weights", {})]
+    compiled: dict[Layout, Callable] = {}
+
+    def per_pair(batch: dict[str, mx.array], layout: Layout) -> dict[str, mx.array]:
+        _, aux = batch_objective(fwd, cfg, batch, layout)
+        return {k: v for k, v in aux.items() if k in PER_PAIR_KEYS}
+
+    budget = 0 if cfg.uses_attribution else EVAL_TOKENS
     records: dict[int, dict[str, Any]] = {}
-    with eval_mode(fwd.model):
-        for batch_examples in eval_batches(pairs.examples, batch_size):
+    with eval_mode(model):
+        for batch_examples in eval_batches(pairs.examples, batch_size, max_tokens=budget):
             anchors = None
             if cfg.triplet_on:
-                anchors = sample_anchors(fwd.model, tokenizer, pairs.encoder, batch_examples, cfg, step=0)
-            batch, layout = fwd.prepare(collate(batch_examples, pad, anchors))
+                anchors = sample_anchors(model, tokenizer, pairs.encoder, batch_examples, cfg, step=0)
+            batch, layout = fwd.prepare(collate(batch_examples, pad, anchors, pad_to=bucket))
+            if layout not in compiled:
+                compiled[layout] = mx.compile(partial(per_pair, layout=layout), inputs=state, outputs=state[1:2])
             mx.random.seed(batch_seed(cfg, batch_examples[0].index))
-            _, aux = batch_objective(fwd, cfg, batch, layout)
-            mx.eval(aux)
-            values = {k: np.array(v, dtype=np.float64) for k, v in aux.items() if k in PER_PAIR_KEYS}
+            values = {k: np.array(v, dtype=np.float64) for k, v in compiled[layout](batch).items()}
             for j, ex in enumerate(batch_examples):
                 records[ex.index] = {"index": ex.index, **{k: float(values[k][j]) for k in PER_PAIR_KEYS if k in values}}
             if progress is not None:

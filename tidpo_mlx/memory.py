@@ -4,9 +4,9 @@
 ``mx.checkpoint``: the backward pass keeps only each block's input and
 recomputes the block, so activations cost one block's worth instead of all of
 them, for about one more forward pass. It swaps the blocks' class for a
-subclass (as the attention swap of the CPU backend does), so it is undone per
-model (:func:`restore_blocks`), unlike mlx-lm's ``grad_checkpoint``, which
-patches the block class for the whole process.
+subclass (``swap.CallSwap``, as the attention swap of the CPU backend does),
+so it is undone per model (:func:`restore_blocks`), unlike mlx-lm's
+``grad_checkpoint``, which patches the block class for the whole process.
 
 ``grad_checkpoint: auto`` (:func:`decide`) turns it on when
 :func:`activation_bytes`, the estimated activations of the largest micro-step
@@ -23,6 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from tidpo_mlx.swap import CallSwap
+
 SHARE = 0.5
 """``auto`` recomputes when the estimated activations exceed this share of MLX's memory limit (the rest holds
 the weights, the optimizer state, the logits chunks and MLX's buffer cache)."""
@@ -35,9 +37,6 @@ PER_SCORE = 3
 FUSED_SCORE = 0
 """Per attention score with the fused kernel (Metal's ``scaled_dot_product_attention`` keeps no score matrix)."""
 
-_classes: dict[type, type] = {}
-
-
 def _recomputed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The block's own ``__call__`` under ``mx.checkpoint`` (its trainable parameters passed in, as mlx-lm does)."""
     own = type(self).__mro__[1].__call__
@@ -49,28 +48,25 @@ def _recomputed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return mx.checkpoint(inner)(self.trainable_parameters(), *args)
 
 
+RECOMPUTE = CallSwap("Recomputed", _recomputed_call)
+
+
 def recompute_blocks(model: nn.Module) -> int:
     """Wrap every block of ``model.layers`` in ``mx.checkpoint``; returns how many."""
     for layer in model.layers:
-        cls = type(layer)
-        if cls in _classes.values():
-            continue
-        if cls not in _classes:
-            _classes[cls] = type(f"Recomputed{cls.__name__}", (cls,), {"__call__": _recomputed_call})
-        layer.__class__ = _classes[cls]
+        RECOMPUTE.apply(layer)
     return len(model.layers)
 
 
 def restore_blocks(model: nn.Module) -> None:
     """Undo :func:`recompute_blocks`."""
     for layer in model.layers:
-        if type(layer) in _classes.values():
-            layer.__class__ = type(layer).__mro__[1]
+        RECOMPUTE.undo(layer)
 
 
 def recomputing(model: nn.Module) -> bool:
     """Whether :func:`recompute_blocks` is in effect on ``model``."""
-    return any(type(layer) in _classes.values() for layer in model.layers)
+    return any(RECOMPUTE.applied(layer) for layer in model.layers)
 
 
 def _dims(model: nn.Module) -> tuple[int, int, int]:

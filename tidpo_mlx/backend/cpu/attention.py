@@ -25,6 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from tidpo_mlx.backend.cpu import fastmath
+from tidpo_mlx.swap import CallSwap
 
 SUPPORTED = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.mistral")
 
@@ -32,7 +33,6 @@ MASKED = -1e9
 """Additive attention-mask value of a blocked key: finite, as ``fastmath.exp`` needs, and exp gives 0."""
 
 _tables: dict[tuple[int, float, int], tuple[mx.array, mx.array, mx.array]] = {}
-_classes: dict[type, type] = {}
 
 
 def rope_tables(dims: int, base: float, length: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -140,6 +140,10 @@ def _eligible(attn: nn.Module) -> bool:
     )
 
 
+PLAIN_ATTENTION = CallSwap("Plain", _plain_call)
+PLAIN_MLP = CallSwap("Plain", _plain_mlp_call)
+
+
 def _eligible_mlp(mlp: nn.Module | None) -> bool:
     return (
         mlp is not None
@@ -147,14 +151,6 @@ def _eligible_mlp(mlp: nn.Module | None) -> bool:
         and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
         and "swiglu" in type(mlp).__call__.__code__.co_names
     )
-
-
-def _swap(module: nn.Module, call: Any) -> None:
-    """Give ``module`` a subclass of its class whose ``__call__`` is ``call`` (one subclass per class)."""
-    cls = type(module)
-    if cls not in _classes:
-        _classes[cls] = type(f"Plain{cls.__name__}", (cls,), {"__call__": call})
-    module.__class__ = _classes[cls]
 
 
 def use_plain_attention(model: nn.Module) -> int:
@@ -169,24 +165,24 @@ def use_plain_attention(model: nn.Module) -> int:
         attn = getattr(layer, "self_attn", None)
         if attn is None or not _eligible(attn):
             continue
-        _swap(attn, _plain_call)
+        PLAIN_ATTENTION.apply(attn)
         if _eligible_mlp(getattr(layer, "mlp", None)):
-            _swap(layer.mlp, _plain_mlp_call)
+            PLAIN_MLP.apply(layer.mlp)
         count += 1
     return count
 
 
 def plain_classes() -> set[type]:
-    """The plain-op classes made so far (one per fused class swapped)."""
-    return set(_classes.values())
+    """The plain-op attention classes made so far (one per fused class swapped)."""
+    return PLAIN_ATTENTION.classes()
 
 
 def restore_fused_attention(model: nn.Module) -> None:
     """Undo :func:`use_plain_attention`."""
     for layer in model.layers:
-        for module in (getattr(layer, "self_attn", None), getattr(layer, "mlp", None)):
-            if module is not None and type(module) in _classes.values():
-                module.__class__ = type(module).__mro__[1]
+        for swap, name in ((PLAIN_ATTENTION, "self_attn"), (PLAIN_MLP, "mlp")):
+            if getattr(layer, name, None) is not None:
+                swap.undo(getattr(layer, name))
 
 
 def max_logit_difference(model: nn.Module) -> float:
