@@ -76,6 +76,9 @@ def test_eval_batches_fill_the_token_budget(tiny_model):
     assert sorted(ex.index for b in batches for ex in b) == list(range(len(examples)))
     assert len(batches[0]) > 4
     assert all(len(b) == 4 or len(b) * 2 * bucket(b[-1].length) <= EVAL_TOKENS for b in batches[:-1])
+    triplets = eval_batches(examples, 4, max_tokens=EVAL_TOKENS, rows=3)
+    assert all(len(b) == 4 or len(b) * 3 * bucket(b[-1].length) <= EVAL_TOKENS for b in triplets[:-1])
+    assert len(triplets) > len(batches)
     limited = eval_batches(examples, 4, limit=3, max_tokens=EVAL_TOKENS)
     assert sum(len(b) for b in limited) == 12
 

@@ -163,15 +163,16 @@ def iterate_batches(
 
 
 def eval_batches(
-    examples: Sequence[Example], batch_size: int, limit: int = -1, max_tokens: int = 0
+    examples: Sequence[Example], batch_size: int, limit: int = -1, max_tokens: int = 0, rows: int = 2
 ) -> list[list[Example]]:
     """Held-out batches in length order (no shuffling), of ``limit`` batches' worth of pairs at most.
 
     With a limit, the ``limit * batch_size`` pairs are spread evenly over the
     split in file order (every k-th pair), not the shortest ones, so a subset
     keeps the split's mix of tasks and lengths. With ``max_tokens``, a batch
-    takes more pairs than ``batch_size`` while their chosen and rejected rows,
-    padded to the :func:`bucket` of its longest pair, fit that budget.
+    takes more pairs than ``batch_size`` while their ``rows`` rows per pair
+    (chosen and rejected; 3 with anchor rows), padded to the :func:`bucket` of
+    its longest pair, fit that budget.
     """
     keep = range(len(examples))
     if 0 <= limit and limit * batch_size < len(examples):
@@ -182,7 +183,7 @@ def eval_batches(
     batches: list[list[Example]] = []
     for i in order:
         ex = examples[i]
-        if batches and (len(batches[-1]) < batch_size or (len(batches[-1]) + 1) * 2 * bucket(ex.length) <= max_tokens):
+        if batches and (len(batches[-1]) < batch_size or (len(batches[-1]) + 1) * rows * bucket(ex.length) <= max_tokens):
             batches[-1].append(ex)
         else:
             batches.append([ex])

@@ -168,7 +168,8 @@ def evaluate_pairs(
     budget = 0 if cfg.uses_attribution else EVAL_TOKENS
     records: dict[int, dict[str, Any]] = {}
     with eval_mode(model):
-        for batch_examples in eval_batches(pairs.examples, batch_size, max_tokens=budget):
+        for batch_examples in eval_batches(pairs.examples, batch_size, max_tokens=budget,
+                                           rows=3 if cfg.triplet_on else 2):
             anchors = None
             if cfg.triplet_on:
                 anchors = sample_anchors(model, tokenizer, pairs.encoder, batch_examples, cfg, step=0)

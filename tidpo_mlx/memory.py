@@ -37,6 +37,7 @@ PER_SCORE = 3
 FUSED_SCORE = 0
 """Per attention score with the fused kernel (Metal's ``scaled_dot_product_attention`` keeps no score matrix)."""
 
+
 def _recomputed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The block's own ``__call__`` under ``mx.checkpoint`` (its trainable parameters passed in, as mlx-lm does)."""
     own = type(self).__mro__[1].__call__
