@@ -12,8 +12,8 @@ recomputed (``memory.recompute_blocks``). Per variant: the peak memory above
 the resident weights of one step run under a memory limit just above them (the
 least the graph needs; see ``memory_long.py``), and the median seconds of
 ``--steps`` unthrottled steps, the variants taking turns, so their ratio is
-measured under the same load. The estimate of ``memory.activation_bytes`` is
-printed next to the measured whole-rows activations.
+measured under the same load. The estimates of ``memory.activation_bytes`` (whole rows, shared prefix)
+are printed next to the measured activations.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def main() -> None:
                 apply_step(grads)
                 mx.eval(loss, model.parameters(), opt.state)
                 steps[variant]["seconds"].append(time.perf_counter() - tic)
-        estimate = memory.activation_bytes(model, 4, length, plain_attention=True) / GB
+        estimates = {f"estimate_{name}_gb": memory.activation_bytes(
+            model, len(model.layers), memory.Extent.of(2, 4, length // 2, length // 2, shared), True) / GB
+            for name, shared in (("whole_rows", False), ("shared_prefix", True))}
         base = statistics.median(steps["whole rows"]["seconds"])
         for variant in VARIANTS:
             s = steps.pop(variant)
@@ -116,7 +118,7 @@ def main() -> None:
             median = statistics.median(s["seconds"])
             print(json.dumps({"shape": opts.shape, "blocks": shape["num_hidden_layers"], "length": length,
                               "variant": variant, **s, "median_s": median, "time_vs_whole_rows": median / base,
-                              "estimate_whole_rows_gb": estimate, "load_average": os.getloadavg()[0]}), flush=True)
+                              **estimates, "load_average": os.getloadavg()[0]}), flush=True)
             steps[variant] = s
 
 

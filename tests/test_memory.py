@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from tidpo_mlx import memory
 from tidpo_mlx.batching import collate
 from tidpo_mlx.config import build_config
+from tidpo_mlx.data import Example
 from tidpo_mlx.forward import make_forward
 from tidpo_mlx.models import attach_lora, load_base
 from tidpo_mlx.objective import batch_objective
@@ -63,19 +64,81 @@ def test_recomputed_blocks_give_the_same_loss_and_gradients(tiny_model, compiled
     assert any(np.abs(g).max() > 0 for g in grads.values())
 
 
+def _pairs(prompt: int, response: int, n: int = 2) -> list[Example]:
+    return [Example(index=i, source="t", messages=[], prompt=[5] * prompt, chosen=[6] * response,
+                    rejected=[7] * (response - 8)) for i in range(n)]
+
+
 def test_auto_follows_the_estimate_and_the_memory_limit(tiny_model):
     model, _, _ = load_base(tiny_model)
-    small = memory.activation_bytes(model, 4, 64, plain_attention=True)
-    assert memory.activation_bytes(model, 4, 128, plain_attention=True) > 2 * small  # attention scores grow as L^2
-    assert memory.activation_bytes(model, 8, 64, plain_attention=True) == 2 * small
-    assert memory.decide("true", model, 4, 64, True) == (True, "grad_checkpoint: true")
-    on, note = memory.decide("auto", model, 4, 64, True)
+    n = len(model.layers)
+    whole = memory.Extent.of(_pairs(40, 24), 2, shared=False)
+    assert whole == memory.Extent(4 * 64, 4 * 64 * 64)
+    shared = memory.Extent.of(_pairs(40, 24), 2, shared=True)
+    assert shared == memory.Extent(2 * 40 + 4 * 24, 2 * 40 * 40 + 4 * 24 * 64)
+    assert memory.Extent.of(_pairs(40, 24), 3, shared=True).tokens == 2 * 40 + 6 * 24  # anchor rows
+    assert memory.Extent.of(_pairs(37, 21), 2, shared=False) == whole  # padded as training pads (multiples of 8)
+    small = memory.activation_bytes(model, n, whole, plain_attention=True)
+    assert memory.activation_bytes(model, n, memory.Extent.of(_pairs(80, 48), 2, False), True) > 2 * small  # L^2
+    assert memory.activation_bytes(model, 2 * n, whole, True) == 2 * small
+    assert memory.activation_bytes(model, n, shared, True) < 0.8 * small  # each prompt once
+    assert memory.backward_blocks(model, 1, attribution=False) == 1
+    assert memory.backward_blocks(model, -1, attribution=False) == n
+    assert memory.backward_blocks(model, 1, attribution=True) == n  # d/dE goes through every block
+    assert memory.decide("true", model, n, whole, True) == (True, "grad_checkpoint: true")
+    on, note = memory.decide("auto", model, n, whole, True)
     assert not on and "grad_checkpoint auto: off" in note
     limit = mx.get_memory_limit()
     try:
         mx.set_memory_limit(small)  # activations over half the limit
-        on, note = memory.decide("auto", model, 4, 64, True)
+        on, note = memory.decide("auto", model, n, whole, True)
         assert on and "grad_checkpoint auto: on" in note and "over 50%" in note
+    finally:
+        mx.set_memory_limit(limit)
+
+
+def test_auto_counts_the_blocks_and_tokens_the_step_runs(tiny_model):
+    """A DPO step on the last block with the shared prefix keeps far less than TI-DPO over whole rows: under a
+    limit between the two estimates, auto recomputes only the latter (and says when it leaves the shared prefix).
+    The largest micro-step counts, not the longest prompt and the longest response of different pairs."""
+    from mlx_lm.utils import load_tokenizer
+
+    from tidpo_mlx.data import PairEncoder
+    from tidpo_mlx.trainer import grad_checkpoint
+
+    model, _, _ = load_base(tiny_model)
+    dpo = build_config({"model": "x", "loss_type": "dpo", "weighting": "none", "gamma": 0.0, "anchor": "none",
+                        "num_layers": 1, "batch_size": 2})
+    tidpo = build_config({**dpo.to_dict(), "preset": "paper", "loss_type": "dpo", "weighting": "hybrid",
+                          "shared_prefix": "false"})
+    encoder = PairEncoder(load_tokenizer(tiny_model), dpo)
+    rows = arith_rows(6, seed=5)
+    rows[0]["prompt"] = "A much longer question, with many more words in it than the others have: " + rows[0]["prompt"]
+    rows[1]["chosen"] = "A much longer answer, with many more words in it than the others have: " + rows[1]["chosen"]
+    train_set = [encoder.encode_row(i, f"t:{i}", r) for i, r in enumerate(rows)]
+    fwd_dpo, _ = make_forward(model, dpo)
+    assert fwd_dpo.kind == "shared-prefix"
+    prompt = max(len(ex.prompt) for ex in train_set)
+    response = max(ex.overlap for ex in train_set)
+    worst_pair = max(train_set, key=lambda ex: ex.length)
+    loose = memory.Extent.of([Example(0, "t", [], [1] * prompt, [1] * response, [1])] * 2, 2, shared=True)
+    low = memory.activation_bytes(model, 1, memory.Extent.of([worst_pair] * 2, 2, True), True)
+    high = memory.activation_bytes(model, len(model.layers), memory.Extent.of([worst_pair] * 2, 2, False), True)
+    assert high > 2 * low and memory.activation_bytes(model, 1, loose, True) > low
+    limit = mx.get_memory_limit()
+    try:
+        mx.set_memory_limit(low + high)  # half of it lies between the two estimates
+        on, note = grad_checkpoint(dpo, fwd_dpo, train_set, ranks=1)
+        assert not on and "auto: off" in note and "for 1 blocks" in note
+        fwd_whole, _ = make_forward(model, tidpo)
+        on, note = grad_checkpoint(tidpo, fwd_whole, train_set, ranks=1)
+        assert on and "auto: on" in note and f"for {len(model.layers)} blocks" in note
+        mx.set_memory_limit(low)  # even the DPO step is over: recompute, over whole rows
+        on, note = grad_checkpoint(dpo, fwd_dpo, train_set, ranks=1)
+        assert on and note.endswith("whole rows instead of the shared prefix")
+        insist = build_config({**dpo.to_dict(), "shared_prefix": "true"})
+        on, note = grad_checkpoint(insist, fwd_dpo, train_set, ranks=1)
+        assert not on and note.endswith("kept off for shared_prefix: true")
     finally:
         mx.set_memory_limit(limit)
 

@@ -11,18 +11,25 @@ so it is undone per model (:func:`restore_blocks`), unlike mlx-lm's
 ``grad_checkpoint: auto`` (:func:`decide`) turns it on when
 :func:`activation_bytes`, the estimated activations of the largest micro-step
 of the run, exceed :data:`SHARE` of the memory MLX may use
-(``mx.get_memory_limit``). The estimate's constants were fitted to measured
+(``mx.get_memory_limit``). The estimate counts what the backward keeps: only
+the blocks it goes through (:func:`backward_blocks`: the adapted ones, or all
+when the attribution differentiates to the input embeddings) and the token
+positions and attention scores the layout runs (:class:`Extent`: with the
+shared prefix each pair's prompt once). Its constants were fitted to measured
 peaks (``benchmarks/grad_checkpoint.py``; numbers in ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from tidpo_mlx.batching import round_up
+from tidpo_mlx.data import Example
 from tidpo_mlx.swap import CallSwap
 
 SHARE = 0.5
@@ -85,27 +92,59 @@ def _compute_itemsize(model: nn.Module) -> int:
     return next((a.itemsize for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)), 4)
 
 
-def activation_bytes(model: nn.Module, rows: int, length: int, plain_attention: bool) -> int:
-    """Estimated activations of a micro-step's backward over ``rows`` whole rows of ``length`` tokens.
+@dataclass(frozen=True)
+class Extent:
+    """What one micro-step's blocks run: token positions, and query-key pairs of attention (per head)."""
 
-    Per block and token: :data:`PER_TOKEN_HIDDEN` x hidden +
+    tokens: int
+    scores: int
+
+    @classmethod
+    def of(cls, batch: Sequence[Example], rows_per_pair: int, shared: bool) -> "Extent":
+        """The extent of ``batch`` collated with ``rows_per_pair`` rows per pair (lengths padded as training pads).
+
+        Whole rows run every row's full sequence; the shared prefix runs each
+        pair's prompt once and each row's response against prompt and response
+        keys (``backend/cpu/prefix.py``). Plain-op attention scores every
+        query against every key of its pass (masked, not skipped).
+        """
+        pairs, rows = len(batch), rows_per_pair * len(batch)
+        if shared:
+            prompt = round_up(max(len(ex.prompt) for ex in batch))
+            response = round_up(max(ex.overlap for ex in batch))
+            return cls(pairs * prompt + rows * response, pairs * prompt * prompt + rows * response * (prompt + response))
+        length = round_up(max(ex.length for ex in batch))
+        return cls(rows * length, rows * length * length)
+
+
+def backward_blocks(model: nn.Module, num_layers: int, attribution: bool) -> int:
+    """Blocks whose activations the backward keeps: every block when the attribution differentiates to the
+    input embeddings E, else the last ``num_layers`` (-1: all) that carry the trainable weights."""
+    count = len(model.layers)
+    return count if attribution or num_layers == -1 else min(num_layers, count)
+
+
+def activation_bytes(model: nn.Module, blocks: int, extent: Extent, plain_attention: bool) -> int:
+    """Estimated activations kept for the backward of ``blocks`` blocks over ``extent``.
+
+    Per block and token position: :data:`PER_TOKEN_HIDDEN` x hidden +
     :data:`PER_TOKEN_INTERMEDIATE` x intermediate values, plus the attention
     scores of plain-op attention; in the model's compute dtype (float32 on CPU, where the base is dequantized).
     """
     hidden, intermediate, heads = _dims(model)
     itemsize = _compute_itemsize(model)
     per_token = PER_TOKEN_HIDDEN * hidden + PER_TOKEN_INTERMEDIATE * intermediate
-    scores = (PER_SCORE if plain_attention else FUSED_SCORE) * heads * length
-    return len(model.layers) * rows * length * (per_token + scores) * itemsize
+    per_score = (PER_SCORE if plain_attention else FUSED_SCORE) * heads
+    return blocks * (extent.tokens * per_token + extent.scores * per_score) * itemsize
 
 
-def decide(setting: str, model: nn.Module, rows: int, length: int, plain_attention: bool) -> tuple[bool, str]:
+def decide(setting: str, model: nn.Module, blocks: int, extent: Extent, plain_attention: bool) -> tuple[bool, str]:
     """Whether to recompute blocks for ``grad_checkpoint: setting``, and the log line saying why."""
     if setting in ("true", "false"):
         return setting == "true", f"grad_checkpoint: {setting}"
-    need = activation_bytes(model, rows, length, plain_attention)
+    need = activation_bytes(model, blocks, extent, plain_attention)
     limit = mx.get_memory_limit()
     on = need > SHARE * limit
     return on, (f"grad_checkpoint auto: {'on' if on else 'off'} (estimated activations {need / 1e9:.2f} GB for "
-                f"{rows} rows x {length} tokens; {'over' if on else 'within'} {SHARE:.0%} of the "
-                f"{limit / 1e9:.1f} GB MLX may use)")
+                f"{blocks} blocks x {extent.tokens} token positions; {'over' if on else 'within'} {SHARE:.0%} of "
+                f"the {limit / 1e9:.1f} GB MLX may use)")

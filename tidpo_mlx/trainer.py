@@ -27,7 +27,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
 from tidpo_mlx.anchors import AnchorSource
-from tidpo_mlx.batching import Layout, collate, iterate_batches
+from tidpo_mlx.batching import Layout, batch_order, collate, iterate_batches
 from tidpo_mlx.checkpoint import (
     Existing, check_resume, checkpoint_dirs, clear_earlier_run, fingerprint, load_checkpoint, output_folder,
     restore_checkpoint, save_checkpoint, set_aside_newer,
@@ -277,12 +277,10 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
 
     dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
     model, _, notes = load_base(model_path, dequantize)
-    pairs = cfg.batch_size // world.size()
-    recompute, recompute_note = memory.decide(
-        cfg.grad_checkpoint, model, pairs * (3 if cfg.triplet_on else 2), max(ex.length for ex in data.train),
-        plain_attention=on_cpu() and cfg.plain_attention != "false")
-    fcfg = dataclasses.replace(cfg, grad_checkpoint="true" if recompute else "false")
-    fwd, forward_notes = make_forward(model, fcfg, str(model_path))
+    fwd, forward_notes = make_forward(model, cfg, str(model_path))
+    recompute, recompute_note = grad_checkpoint(cfg, fwd, data.train, world.size())
+    if recompute:
+        fwd = fwd.whole_rows()
     log(f"model: {cfg.model} -> {model_path}")
     for note in notes + forward_notes + [recompute_note]:
         log(f"  {note}")
@@ -308,6 +306,29 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
         cfg, world, out, model_path, fwd, tokenizer, data, PairEncoder(tokenizer, cfg), pad_id_of(tokenizer),
         opt, start, adapter_config(cfg, model_path), run_keys, metrics, log,
     )
+
+
+def grad_checkpoint(cfg: Config, fwd: Forward, train: list[Example], ranks: int) -> tuple[bool, str]:
+    """Whether to recompute blocks (``memory.decide``) for the largest micro-step of the run, and the log line.
+
+    The micro-steps are known before training: the length-sorted batches of
+    ``batch_order`` (an epoch only reorders them), each rank's share of one.
+    Recomputation runs whole rows (the shared prefix would recompute the
+    prompt pass apart from its keys), which the log line says, so ``auto``
+    stays off under ``shared_prefix: true``.
+    """
+    shared = fwd.kind == "shared-prefix"
+    rows = 3 if cfg.triplet_on else 2
+    blocks = memory.backward_blocks(fwd.model, cfg.num_layers, cfg.uses_attribution or cfg.fine_tune_type == "full")
+    plain = on_cpu() and cfg.plain_attention != "false"
+    micro = [[train[i] for i in idx[rank::ranks]]
+             for idx in batch_order(train, cfg.batch_size, cfg.seed, 0) for rank in range(ranks)]
+    extent = max((memory.Extent.of(m, rows, shared) for m in micro if m),
+                 key=lambda e: memory.activation_bytes(fwd.model, blocks, e, plain))
+    on, note = memory.decide(cfg.grad_checkpoint, fwd.model, blocks, extent, plain)
+    if on and shared and cfg.shared_prefix == "true":
+        return False, note.replace("auto: on", "auto: off", 1) + "; kept off for shared_prefix: true"
+    return on, note + ("; whole rows instead of the shared prefix" if on and shared else "")
 
 
 def optimizer_step(run: Run, step: int, micro_batches: Iterator[list[Example]], anchors: AnchorSource,
