@@ -8,10 +8,10 @@ subclass (``swap.CallSwap``, as the attention swap of the CPU backend does),
 so it is undone per model (:func:`restore_blocks`), unlike mlx-lm's
 ``grad_checkpoint``, which patches the block class for the whole process.
 
-``grad_checkpoint: auto`` (:func:`decide`) turns it on when
-:func:`activation_bytes`, the estimated activations of the largest micro-step
-of the run, exceed :data:`SHARE` of the memory MLX may use
-(``mx.get_memory_limit``). The estimate counts what the backward keeps: only
+``grad_checkpoint: auto`` (:func:`decide`) turns it on when the resident
+weights plus :func:`activation_bytes`, the estimated activations of the
+largest micro-step of the run, and the optimizer state would exceed
+:data:`SHARE` of the memory MLX may use (``mx.get_memory_limit``). The estimate counts what the backward keeps: only
 the blocks it goes through (:func:`backward_blocks`: the adapted ones, or all
 when the attribution differentiates to the input embeddings) and the token
 positions and attention scores the layout runs (:class:`Extent`: with the
@@ -32,9 +32,12 @@ from tidpo_mlx.batching import round_up
 from tidpo_mlx.data import Example
 from tidpo_mlx.swap import CallSwap
 
-SHARE = 0.5
-"""``auto`` recomputes when the estimated activations exceed this share of MLX's memory limit (the rest holds
-the weights, the optimizer state, the logits chunks and MLX's buffer cache)."""
+SHARE = 0.8
+"""``auto`` recomputes when what is resident (the loaded weights), plus the estimated activations and
+optimizer state of the run, would exceed this share of MLX's memory limit (the rest is headroom for the
+logits chunks, temporaries and the estimate's error)."""
+OPTIMIZER_COPIES = 3
+"""Arrays the size of the trainable weights that training adds: their gradients and AdamW's two moments."""
 PER_TOKEN_HIDDEN = 20
 """Activation values kept per token and block, per unit of the hidden size (fitted)."""
 PER_TOKEN_INTERMEDIATE = 4
@@ -138,13 +141,15 @@ def activation_bytes(model: nn.Module, blocks: int, extent: Extent, plain_attent
     return blocks * (extent.tokens * per_token + extent.scores * per_score) * itemsize
 
 
-def decide(setting: str, model: nn.Module, blocks: int, extent: Extent, plain_attention: bool) -> tuple[bool, str]:
+def decide(setting: str, model: nn.Module, blocks: int, extent: Extent, plain_attention: bool,
+           trainable_bytes: int = 0) -> tuple[bool, str]:
     """Whether to recompute blocks for ``grad_checkpoint: setting``, and the log line saying why."""
     if setting in ("true", "false"):
         return setting == "true", f"grad_checkpoint: {setting}"
-    need = activation_bytes(model, blocks, extent, plain_attention)
-    limit = mx.get_memory_limit()
-    on = need > SHARE * limit
-    return on, (f"grad_checkpoint auto: {'on' if on else 'off'} (estimated activations {need / 1e9:.2f} GB for "
-                f"{blocks} blocks x {extent.tokens} token positions; {'over' if on else 'within'} {SHARE:.0%} of "
-                f"the {limit / 1e9:.1f} GB MLX may use)")
+    activations = activation_bytes(model, blocks, extent, plain_attention)
+    resident, limit = mx.get_active_memory(), mx.get_memory_limit()
+    total = resident + activations + OPTIMIZER_COPIES * trainable_bytes
+    on = total > SHARE * limit
+    return on, (f"grad_checkpoint auto: {'on' if on else 'off'} (estimated activations {activations / 1e9:.2f} GB "
+                f"for {blocks} blocks x {extent.tokens} token positions, {total / 1e9:.2f} GB in all with the weights "
+                f"and optimizer state; {'over' if on else 'within'} {SHARE:.0%} of the {limit / 1e9:.1f} GB MLX may use)")

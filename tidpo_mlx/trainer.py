@@ -278,17 +278,16 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
     dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
     model, _, notes = load_base(model_path, dequantize)
     fwd, forward_notes = make_forward(model, cfg, str(model_path))
-    recompute, recompute_note = grad_checkpoint(cfg, fwd, data.train, world.size())
-    if recompute:
-        fwd = fwd.whole_rows()
-    log(f"model: {cfg.model} -> {model_path}")
-    for note in notes + forward_notes + [recompute_note]:
-        log(f"  {note}")
     attach_trainable(model, cfg)
     if cfg.resume_adapter_file:
         load_adapter_weights(model, cfg.resume_adapter_file)
+    recompute, recompute_note = grad_checkpoint(cfg, fwd, data.train, world.size())
     if recompute:
+        fwd = fwd.whole_rows()
         memory.recompute_blocks(model)
+    log(f"model: {cfg.model} -> {model_path}")
+    for note in notes + forward_notes + [recompute_note]:
+        log(f"  {note}")
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
     start = restore_checkpoint(ckpt, model, opt, world) if resume is not None else 0
@@ -311,6 +310,7 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
 def grad_checkpoint(cfg: Config, fwd: Forward, train: list[Example], ranks: int) -> tuple[bool, str]:
     """Whether to recompute blocks (``memory.decide``) for the largest micro-step of the run, and the log line.
 
+    Called with the trainable weights attached (their optimizer state counts).
     The micro-steps are known before training: the length-sorted batches of
     ``batch_order`` (an epoch only reorders them), each rank's share of one.
     Recomputation runs whole rows (the shared prefix would recompute the
@@ -319,13 +319,14 @@ def grad_checkpoint(cfg: Config, fwd: Forward, train: list[Example], ranks: int)
     """
     shared = fwd.kind == "shared-prefix"
     rows = 3 if cfg.triplet_on else 2
-    blocks = memory.backward_blocks(fwd.model, cfg.num_layers, cfg.uses_attribution or cfg.fine_tune_type == "full")
+    blocks = memory.backward_blocks(fwd.model, cfg.num_layers, cfg.uses_attribution)
     plain = on_cpu() and cfg.plain_attention != "false"
     micro = [[train[i] for i in idx[rank::ranks]]
              for idx in batch_order(train, cfg.batch_size, cfg.seed, 0) for rank in range(ranks)]
     extent = max((memory.Extent.of(m, rows, shared) for m in micro if m),
                  key=lambda e: memory.activation_bytes(fwd.model, blocks, e, plain))
-    on, note = memory.decide(cfg.grad_checkpoint, fwd.model, blocks, extent, plain)
+    trainable = sum(v.nbytes for _, v in tree_flatten(fwd.model.trainable_parameters()))
+    on, note = memory.decide(cfg.grad_checkpoint, fwd.model, blocks, extent, plain, trainable)
     if on and shared and cfg.shared_prefix == "true":
         return False, note.replace("auto: on", "auto: off", 1) + "; kept off for shared_prefix: true"
     return on, note + ("; whole rows instead of the shared prefix" if on and shared else "")
