@@ -120,8 +120,9 @@ class Config:
     grad_accumulation_steps: int = _doc("Micro-batches per optimizer step.", default=1)
     max_grad_norm: float = _doc("Clip the global gradient norm (0: off).", default=1.0)
     grad_checkpoint: Literal["auto", "true", "false"] = _doc(
-        "Recompute each block in the backward pass (memory for time): auto = when the estimated activations "
-        "exceed half of MLX's memory limit.", default="auto"
+        "Recompute each block in the backward pass (memory for time): auto = when the weights plus the "
+        "estimated activations and optimizer state of the largest micro-step would exceed 80% of MLX's memory "
+        "limit.", default="auto"
     )
     logits_chunk: int = _doc(
         "Response positions per chunk of the LM head and log-softmax, recomputed in the backward pass so the "
