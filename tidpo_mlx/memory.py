@@ -11,11 +11,12 @@ so it is undone per model (:func:`restore_blocks`), unlike mlx-lm's
 ``grad_checkpoint: auto`` (:func:`decide`) turns it on when the resident
 weights plus :func:`activation_bytes`, the estimated activations of the
 largest micro-step of the run, and the optimizer state would exceed
-:data:`SHARE` of the memory MLX may use (``mx.get_memory_limit``). The estimate counts what the backward keeps: only
-the blocks it goes through (:func:`backward_blocks`: the adapted ones, or all
-when the attribution differentiates to the input embeddings) and the token
-positions and attention scores the layout runs (:class:`Extent`: with the
-shared prefix each pair's prompt once). Its constants were fitted to measured
+:data:`SHARE` of the memory MLX may use (``mx.get_memory_limit``). The
+estimate counts what the backward keeps: only the blocks it goes through
+(:func:`backward_blocks`: the adapted ones, or all when the attribution
+differentiates to the input embeddings) and the token positions and attention
+scores the layout runs (:class:`Extent`: with the shared prefix each pair's
+prompt once). Its constants were fitted to measured
 peaks (``benchmarks/grad_checkpoint.py``; numbers in ``benchmarks/RESULTS.md``).
 """
 
@@ -103,7 +104,7 @@ class Extent:
     scores: int
 
     @classmethod
-    def of(cls, batch: Sequence[Example], rows_per_pair: int, shared: bool) -> "Extent":
+    def of(cls, batch: Sequence[Example], rows_per_pair: int, shared: bool) -> Extent:
         """The extent of ``batch`` collated with ``rows_per_pair`` rows per pair (lengths padded as training pads).
 
         Whole rows run every row's full sequence; the shared prefix runs each
