@@ -109,7 +109,7 @@ def main() -> None:
                 mx.eval(loss, model.parameters(), opt.state)
                 steps[variant]["seconds"].append(time.perf_counter() - tic)
         estimates = {f"estimate_{name}_gb": memory.activation_bytes(
-            model, len(model.layers), memory.Extent.of(2, 4, length // 2, length // 2, shared), True) / GB
+            model, len(model.layers), memory.Extent.of(examples, 2, shared), True) / GB
             for name, shared in (("whole_rows", False), ("shared_prefix", True))}
         base = statistics.median(steps["whole rows"]["seconds"])
         for variant in VARIANTS:
