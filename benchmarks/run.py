@@ -879,6 +879,10 @@ def measure_length(args: argparse.Namespace, names: list[str], steps: int, token
         spec["fused"] = fused_float32(spec["model_path"], work / "fuse.log")
     if "bundled data missing" in spec["data_source"]:  # the default recipe's bundled data is missing
         spec["quickstart_data"] = spec["data"]
+    if not spec["data_has_anchor"] and "ours:tidpo_data_anchor" in names:
+        # Without an anchor field the trainer samples every step: that is ours:tidpo_sampled, not 1a.
+        print("the pairs have no 'anchor' field: ours:tidpo_data_anchor left out", file=sys.stderr)
+        names = [n for n in names if n != "ours:tidpo_data_anchor"]
     gemm_before = gemm_rate()
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     step_loads: list[list[float]] = []
@@ -936,16 +940,15 @@ SWEEP_TARGETS = dict(tidpo_over_dpo=1.2, dpo_over_trl=0.6, dpo_over_mlx_lm_lora=
 def print_sweep(reports: list[dict[str, Any]]) -> None:
     """One line per length: every tool's s/step and peak GB, our utilisation, the ratios of the targets."""
     print("\nlength sweep (s/step, peak GB; utilisation = FLOPs/s over the GEMM rate measured in the same run)")
-    names = [n for n in reports[0]["measurements"] if n != "quickstart"]
+    names = list(dict.fromkeys(n for rep in reports for n in rep["measurements"] if n != "quickstart"))
     print(f"{'tokens':>7s} {'GEMM':>6s} " + " ".join(f"{LABELS.get(n, n).split(' (')[0][:22]:>22s}" for n in names))
     for rep in reports:
         res, gemm = rep["measurements"], statistics.mean(rep["gemm_gflops"].values())
         cells = []
-        for name, r in res.items():
-            if name == "quickstart":
-                continue
-            peak = r.get("peak_gb") or r.get("peak_rss_gb") or float("nan")
-            cells.append("failed" if "error" in r else f"{r['step_s']:.2f} s {peak:.2f} GB")
+        for name in names:
+            r = res.get(name)
+            peak = (r or {}).get("peak_gb") or (r or {}).get("peak_rss_gb") or float("nan")
+            cells.append("-" if r is None else "failed" if "error" in r else f"{r['step_s']:.2f} s {peak:.2f} GB")
         print(f"{rep['tokens_per_sequence']:7.0f} {gemm:6.0f} " + " ".join(f"{c:>22s}" for c in cells))
     print(f"\n{'tokens':>7s} {'DPO MFU':>8s} {'exec.':>6s} {'TI MFU':>7s} {'exec.':>6s}  "
           f"{'TI/DPO':>6s} {'DPO/TRL':>7s} {'DPO/lora':>8s} {'peak/SFT':>8s}   (targets at 512: "
