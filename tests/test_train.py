@@ -16,7 +16,7 @@ from tidpo_mlx.cli import main
 from tidpo_mlx.config import build_config
 from tidpo_mlx.trainer import TrainingError, train
 
-from conftest import arith_folder
+from conftest import arith_folder, arith_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,31 @@ def test_anchor_draw_depends_on_pair_not_batch(tiny_model, data_dir):
     assert together == alone
     assert sample_anchors(model, tok, enc, pairs, cfg, step=4) != together
     assert len({tuple(a) for a in together}) > 1
+
+
+def test_anchor_policy_ignores_data_anchors_and_sample_keeps_them(tiny_model, data_dir, tmp_path):
+    """anchor: sample uses a pair's data anchor as is; anchor: policy samples it exactly as for a pair
+    without one; training logs how many anchors come from each."""
+    from tidpo_mlx.anchors import sample_anchors
+
+    cfg, model, tok, enc, pairs = _sampling(tiny_model, data_dir, 12, 4)
+    with_data = [dataclasses.replace(p, anchor=[5, 6, 7]) for p in pairs]
+    without = [dataclasses.replace(p, anchor=None) for p in pairs]
+    assert sample_anchors(model, tok, enc, with_data, cfg, step=3) == [[5, 6, 7]] * 4
+    policy = dataclasses.replace(cfg, anchor="policy")
+    assert policy.triplet_on
+    sampled = sample_anchors(model, tok, enc, with_data, policy, step=3)
+    assert sampled == sample_anchors(model, tok, enc, without, cfg, step=3)
+    assert all(a != [5, 6, 7] for a in sampled)
+
+    rows = [{**r, "anchor": "The answer is 3."} for r in arith_rows(8, 0)]
+    folder = tmp_path / "anchored"
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "valid.jsonl", arith_rows(4, 1))
+    for mode, want in (("sample", "8 anchors from the data, 0 sampled"), ("policy", "0 anchors from the data, 8 sampled")):
+        lines: list[str] = []
+        train(_cfg(tiny_model, folder, tmp_path / mode, iters=1, anchor=mode), log=lines.append, progress=False)
+        assert any(want in line for line in lines), lines
 
 
 def test_anchor_decoding_stops_past_the_overlap_with_the_same_tokens(tiny_model, data_dir, monkeypatch):

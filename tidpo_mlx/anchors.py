@@ -88,14 +88,15 @@ def sample_anchors(
     cfg: Config,
     step: int,
 ) -> list[list[int]]:
-    """One anchor per pair: a data-provided ``anchor`` wins, the others are sampled from the policy.
+    """One anchor per pair: a data-provided ``anchor`` wins (unless ``anchor: policy``), the others
+    are sampled from the policy.
 
     Sampling is batched (mlx-lm's BatchGenerator) with one keyed sampler per
     pair, seeded by :func:`anchor_seed`. The model is put in eval mode (no
     dropout) with its adapters on, i.e. the current policy, and restored.
     """
-    todo = [i for i, e in enumerate(examples) if e.anchor is None]
-    anchors = [e.anchor for e in examples]
+    anchors = [cfg.data_anchor(e.anchor) for e in examples]
+    todo = [i for i, a in enumerate(anchors) if a is None]
     if not todo:
         return anchors
     with eval_mode(model):
@@ -126,7 +127,8 @@ def sample_anchors(
 
 
 class AnchorSource:
-    """Anchors for each micro-batch: data anchors win; the rest sampled every step or every K steps."""
+    """Anchors for each micro-batch: data anchors win (unless ``anchor: policy``); the rest sampled every
+    step or every K steps."""
 
     def __init__(
         self,

@@ -62,8 +62,8 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
     every pair with the model in eval mode. Per pair: index, loss, loss_pref,
     loss_triplet, reward_chosen, reward_rejected (beta * sum rho, unweighted),
     weighted_margin (m_w - m_l), logp_chosen, logp_rejected, and kl_chosen,
-    kl_rejected for tdpo losses. Triplet anchors: the pair's 'anchor' field,
-    else sampled from the policy, seeded from the pair index.
+    kl_rejected for tdpo losses. Triplet anchors: the pair's 'anchor' field
+    (ignored with anchor: policy), else sampled from the policy, seeded from the pair index.
     """
     def job() -> None:
         from tidpo_mlx.evaluation import evaluate_pairs, load_pairs, summarize
@@ -71,7 +71,7 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
         cfg, fwd, tok, _ = _load(recipe, model, adapter_path, overrides)
         pairs = load_pairs(data, tok, cfg)
         echo = (lambda s: click.echo(s, err=True)) if output == "-" else click.echo
-        sampled = sum(e.anchor is None for e in pairs.examples) if cfg.triplet_on else 0
+        sampled = sum(cfg.data_anchor(e.anchor) is None for e in pairs.examples) if cfg.triplet_on else 0
         if cfg.triplet_on:
             anchors = f"{len(pairs.examples) - sampled} from the data, {sampled} sampled from the policy"
         else:

@@ -170,9 +170,10 @@ class Config:
     label_smoothing: float = _doc("Label smoothing eps of the dpo loss.", default=0.0)
     simpo_beta: float = _doc("SimPO beta.", default=2.0)
     simpo_gamma: float = _doc("SimPO gamma (margin).", default=1.0)
-    anchor: Literal["sample", "none"] = _doc(
+    anchor: Literal["sample", "policy", "none"] = _doc(
         "Triplet anchor: sample (a per-pair 'anchor' field in the data wins, the other "
-        "pairs sample from the policy) or none (triplet term off).",
+        "pairs sample from the policy), policy (every anchor sampled from the current policy, "
+        "data anchors ignored: SPEC section 5) or none (triplet term off).",
         default="sample",
     )
     anchor_temperature: float = _doc("Anchor sampling temperature.", default=0.8)
@@ -192,11 +193,15 @@ class Config:
 
     @property
     def triplet_on(self) -> bool:
-        """Whether the triplet term is on: gamma > 0, a reference-based loss and ``anchor: sample``.
+        """Whether the triplet term is on: gamma > 0, a reference-based loss and an anchor source.
 
         Then every pair needs an anchor (its data ``anchor`` or a policy sample).
         """
-        return self.gamma > 0 and self.uses_reference and self.anchor == "sample"
+        return self.gamma > 0 and self.uses_reference and self.anchor != "none"
+
+    def data_anchor(self, example_anchor: list[int] | None) -> list[int] | None:
+        """The anchor a pair brings from its data: its ``anchor`` field, unless ``anchor: policy`` ignores it."""
+        return example_anchor if self.anchor == "sample" else None
 
     @property
     def uses_attribution(self) -> bool:

@@ -299,6 +299,11 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
     resumed = f" (from {ckpt.path})" if ckpt is not None else ""
     log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}{resumed}")
     log(f"output: {out} (resolved config in {out / 'config.yaml'})")
+    if cfg.triplet_on:
+        sampled = sum(cfg.data_anchor(e.anchor) is None for e in data.train)
+        every = "every step" if cfg.anchor_every == 1 else f"{cfg.anchor_every} steps' pairs at a time"
+        log(f"triplet (gamma {cfg.gamma:g}): {len(data.train) - sampled} anchors from the data, "
+            f"{sampled} sampled from the policy ({every})")
     if world.size() > 1:
         log(f"distributed: {world.size()} ranks, each {cfg.batch_size // world.size()} of the {cfg.batch_size} pairs of a batch")
     return Run(
