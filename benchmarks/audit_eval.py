@@ -85,6 +85,37 @@ def detection(scores: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, flo
     return out
 
 
+FAMILIES = {"change": "What is the change", "carry": "What is ", "units": "Convert ", "weekday": "Today is ",
+            "month": "What date is", "clock": "What time is it"}
+"""The arith families (tidpo_mlx/datasets/arith/README.md): change prompts contain their marker, the others
+start with theirs."""
+
+
+def family(prompt: str) -> str:
+    """The arith family of a prompt."""
+    if FAMILIES["change"] in prompt:
+        return "change"
+    return next((name for name, marker in FAMILIES.items() if prompt.startswith(marker)), "other")
+
+
+def breakdown(audit_dir: Path, truth: np.ndarray, score: str = au.DEFAULT_SCORE) -> dict[str, dict[str, Any]]:
+    """AUROC of ``score`` within each fold and within each arith family: where the detection is weak."""
+    records = [r for _, r in read_jsonl(audit_dir / "audit.jsonl")]
+    margin = np.array([r["scores"][score] for r in records])
+    groups: dict[str, dict[str, np.ndarray]] = {
+        "fold": {str(k): np.array([r["fold"] == k for r in records]) for k in sorted({r["fold"] for r in records})},
+        "family": {f: np.array([family(str(r["prompt"])) == f for r in records]) for f in FAMILIES},
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for kind, masks in groups.items():
+        out[kind] = {}
+        for name, m in masks.items():
+            t = truth[m]
+            out[kind][name] = {"pairs": int(m.sum()), "flipped": int(t.sum()),
+                               "auroc": round(auroc(-margin[m], t), 3) if 0 < t.sum() < len(t) else None}
+    return out
+
+
 def _cached(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -225,7 +256,8 @@ def main() -> None:
         return
     if args.what == "score":
         truth = flipped_set(600, args.audit_noise, args.audit_seed)
-        print(json.dumps({"noise": args.audit_noise, "seed": args.audit_seed, **detection(read_scores(args.audit), truth)}))
+        print(json.dumps({"noise": args.audit_noise, "seed": args.audit_seed, **detection(read_scores(args.audit), truth),
+                          "breakdown": breakdown(args.audit, truth)}))
         return
     if args.what == "detect":
         rows = []
