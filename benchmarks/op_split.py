@@ -39,18 +39,15 @@ import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import config  # noqa: E402
-from run import BATCH, NUM_LAYERS, load_avg  # noqa: E402
+from profile_step import closest_pairs, config, lora_model  # noqa: E402
+from run import NUM_LAYERS, load_avg  # noqa: E402
 
 from tidpo_mlx.backend.cpu.attention import PrefixContext, PromptKV, _attend  # noqa: E402
 from tidpo_mlx.backend.cpu.forward import CpuForward  # noqa: E402
 from tidpo_mlx.backend.cpu.prefix import prompt_pass  # noqa: E402
 from tidpo_mlx.batching import collate  # noqa: E402
-from tidpo_mlx.data import load_dataset  # noqa: E402
 from tidpo_mlx.doctor import gemm_gflops  # noqa: E402
-from tidpo_mlx.forward import make_forward  # noqa: E402
 from tidpo_mlx.logprobs import Head, head_parameters, token_logprobs  # noqa: E402
-from tidpo_mlx.models import attach_lora, load_base, resolve_model  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -86,14 +83,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = config("true", loss_type="dpo", weighting="none", gamma=0.0)
-    mx.random.seed(0)
-    model, tok, _ = load_base(resolve_model(cfg.model), cfg.dequantize)
-    make_forward(model, cfg)
-    attach_lora(model, cfg)
-    model.train()
-    examples = load_dataset(args.data, tok, cfg).train
-    examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - args.tokens), e.index))
-    rows = collate(examples[:BATCH], tok.pad_token_id if tok.pad_token_id is not None else 0)
+    model, tok = lora_model(cfg)
+    rows = collate(closest_pairs(args.data, tok, cfg, args.tokens), tok.pad_token_id if tok.pad_token_id is not None else 0)
     fwd = CpuForward(model, shared=True)
     batch, layout = fwd.prepare(rows)
     gemm = gemm_gflops()

@@ -33,6 +33,7 @@ from pathlib import Path
 import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
 
 import mlx.core as mx
+import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import BATCH, LEARNING_RATE, LORA, NUM_LAYERS, SEED, load_avg  # noqa: E402
@@ -40,7 +41,7 @@ from run import BATCH, LEARNING_RATE, LORA, NUM_LAYERS, SEED, load_avg  # noqa: 
 from tidpo_mlx.backend.cpu.forward import CpuForward  # noqa: E402
 from tidpo_mlx.batching import Rows, collate  # noqa: E402
 from tidpo_mlx.config import build_config  # noqa: E402
-from tidpo_mlx.data import load_dataset  # noqa: E402
+from tidpo_mlx.data import Example, load_dataset  # noqa: E402
 from tidpo_mlx.forward import Forward, make_forward  # noqa: E402
 from tidpo_mlx.models import attach_lora, load_base, reference_mode, resolve_model  # noqa: E402
 from tidpo_mlx.objective import batch_logprobs, token_weights  # noqa: E402
@@ -60,15 +61,28 @@ def config(plain: str, **extra):
     ))
 
 
+def closest_pairs(data: str, tokenizer, cfg, tokens: float, n: int = BATCH) -> list[Example]:
+    """The ``n`` training pairs of ``data`` whose mean templated sequence is closest to ``tokens``, closest first."""
+    examples = load_dataset(data, tokenizer, cfg).train
+    examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - tokens), e.index))
+    return examples[:n]
+
+
+def lora_model(cfg) -> tuple[nn.Module, object]:
+    """The built-in model with this CPU's forward swapped in and seeded LoRA attached, in training mode."""
+    mx.random.seed(SEED)
+    model, tokenizer, _ = load_base(resolve_model(cfg.model), cfg.dequantize)
+    make_forward(model, cfg)
+    attach_lora(model, cfg)
+    model.train()
+    return model, tokenizer
+
+
 def pieces(plain: str, rows: Rows) -> dict[str, tuple[callable, tuple]]:
     """Compiled pieces of one model (plain-op or fused attention), each with the arguments it runs on."""
     dpo_cfg = config(plain, loss_type="dpo", weighting="none", gamma=0.0)
     tidpo_cfg = config(plain, gamma=0.0)
-    mx.random.seed(SEED)
-    model, _, _ = load_base(resolve_model(dpo_cfg.model), dpo_cfg.dequantize)
-    make_forward(model, dpo_cfg)
-    attach_lora(model, dpo_cfg)
-    model.train()
+    model, _ = lora_model(dpo_cfg)
     opt = build_optimizer(dpo_cfg)
     opt.init(model.trainable_parameters())
     if plain == "false":
@@ -129,11 +143,9 @@ def main() -> None:
 
     cfg = config("true")
     model, tok, _ = load_base(resolve_model(cfg.model), "auto")
-    examples = load_dataset(args.data, tok, cfg).train
     del model
-    examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - args.tokens), e.index))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    rows = collate(examples[:BATCH], pad)
+    rows = collate(closest_pairs(args.data, tok, cfg, args.tokens), pad)
     print(f"whole rows {tuple(rows.arrays['tokens'].shape)}, {BATCH} pairs; load {load_avg()}")
 
     fns = pieces("true", rows)

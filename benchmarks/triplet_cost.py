@@ -29,15 +29,14 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import config  # noqa: E402
+from profile_step import closest_pairs, config, lora_model  # noqa: E402
 from run import BATCH, load_avg  # noqa: E402
 
 from tidpo_mlx.anchors import sample_anchors  # noqa: E402
 from tidpo_mlx.backend.cpu.forward import CpuForward  # noqa: E402
 from tidpo_mlx.batching import collate  # noqa: E402
-from tidpo_mlx.data import PairEncoder, load_dataset  # noqa: E402
-from tidpo_mlx.forward import make_forward  # noqa: E402
-from tidpo_mlx.models import attach_lora, eval_mode, load_base, resolve_model  # noqa: E402
+from tidpo_mlx.data import PairEncoder  # noqa: E402
+from tidpo_mlx.models import eval_mode  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
 
 
@@ -64,14 +63,9 @@ def main() -> None:
     cfgs = {"dpo": config("true", loss_type="dpo", weighting="none", gamma=0.0),
             "tidpo, triplet off": config("true", gamma=0.0), "tidpo + triplet": config("true")}
     cfg = cfgs["tidpo + triplet"]
-    mx.random.seed(0)
-    model, tok, _ = load_base(resolve_model(cfg.model), cfg.dequantize)
-    make_forward(model, cfg)
-    attach_lora(model, cfg)
-    model.train()
-    examples = load_dataset(args.data, tok, cfg).train
-    examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - args.tokens), e.index))
-    pairs = examples[:BATCH]
+    model, tok = lora_model(cfg)
+    block = closest_pairs(args.data, tok, cfg, args.tokens, BATCH * args.every)
+    pairs = block[:BATCH]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     anchors = [list(e.rejected[: cfg.anchor_max_tokens]) for e in pairs]
     print(f"pairs: prompt {[len(e.prompt) for e in pairs]}, chosen {[len(e.chosen) for e in pairs]}, "
@@ -91,7 +85,6 @@ def main() -> None:
         print(f"{'shared prefix' if shared else 'whole rows':28s} {cells}")
 
     encoder = PairEncoder(tok, cfg)
-    block = examples[: BATCH * args.every]
     print(f"\nsampling (released sampler, <= min({cfg.anchor_max_tokens}, overlap + 8) new tokens), load {load_avg()}")
     for group in (pairs, block):
         t = median_s(lambda g=group: sample_anchors(model, tok, encoder, g, cfg, 1), max(1, args.reps // 2), warm=1)
