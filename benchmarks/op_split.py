@@ -27,9 +27,7 @@ GEMM rate ``tidpo-mlx doctor`` measures in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -39,7 +37,7 @@ import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import closest_pairs, config, lora_model  # noqa: E402
+from profile_step import closest_pairs, config, lora_model, median_s  # noqa: E402
 from run import NUM_LAYERS, load_avg  # noqa: E402
 
 from tidpo_mlx.backend.cpu.attention import PrefixContext, PromptKV, _attend  # noqa: E402
@@ -54,15 +52,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of ``reps`` evaluated calls after two warm-up calls, in ms."""
-    for _ in range(2):
-        mx.eval(fn())
-    times = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - tic)
-    return 1000 * statistics.median(times)
+    """Median ms of ``reps`` evaluated calls of ``fn`` after two warm-up calls."""
+    return 1000 * median_s(lambda: mx.eval(fn()), reps)
 
 
 def fwd_bwd(fn: Callable[..., mx.array], inputs: list[mx.array], reps: int) -> tuple[float, float]:

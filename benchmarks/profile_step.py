@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
 
@@ -59,6 +60,18 @@ def config(plain: str, **extra):
         learning_rate=LEARNING_RATE, lr_schedule="constant", warmup_steps=0, seed=SEED,
         plain_attention=plain, **extra,
     ))
+
+
+def median_s(fn: Callable[[], object], reps: int, warm: int = 2) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` after ``warm`` untimed ones."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
 
 
 def closest_pairs(data: str, tokenizer, cfg, tokens: float, n: int = BATCH) -> list[Example]:

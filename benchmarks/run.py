@@ -947,8 +947,11 @@ def print_sweep(reports: list[dict[str, Any]]) -> None:
         cells = []
         for name in names:
             r = res.get(name)
-            peak = (r or {}).get("peak_gb") or (r or {}).get("peak_rss_gb") or float("nan")
-            cells.append("-" if r is None else "failed" if "error" in r else f"{r['step_s']:.2f} s {peak:.2f} GB")
+            if r is None or "error" in r:
+                cells.append("-" if r is None else "failed")
+                continue
+            peak = r.get("peak_gb") or r.get("peak_rss_gb") or float("nan")
+            cells.append(f"{r['step_s']:.2f} s {peak:.2f} GB")
         print(f"{rep['tokens_per_sequence']:7.0f} {gemm:6.0f} " + " ".join(f"{c:>22s}" for c in cells))
     print(f"\n{'tokens':>7s} {'DPO MFU':>8s} {'exec.':>6s} {'TI MFU':>7s} {'exec.':>6s}  "
           f"{'TI/DPO':>6s} {'DPO/TRL':>7s} {'DPO/lora':>8s} {'peak/SFT':>8s}   (targets at 512: "

@@ -18,9 +18,7 @@ those prompts, so the sampling time splits into its two phases.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
@@ -29,7 +27,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import closest_pairs, config, lora_model  # noqa: E402
+from profile_step import closest_pairs, config, lora_model, median_s  # noqa: E402
 from run import BATCH, load_avg  # noqa: E402
 
 from tidpo_mlx.anchors import sample_anchors  # noqa: E402
@@ -38,18 +36,6 @@ from tidpo_mlx.batching import collate  # noqa: E402
 from tidpo_mlx.data import PairEncoder  # noqa: E402
 from tidpo_mlx.models import eval_mode  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
-
-
-def median_s(fn, reps: int, warm: int = 2) -> float:
-    """Median seconds of ``reps`` calls after ``warm`` untimed ones."""
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def main() -> None:

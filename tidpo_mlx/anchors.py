@@ -80,6 +80,18 @@ def keyed_sampler(cfg: Config, seed: int) -> Callable[[mx.array], mx.array]:
     return sampler
 
 
+def data_anchors(examples: Sequence[Example], cfg: Config) -> list[list[int] | None]:
+    """Each pair's anchor from its data: its ``anchor`` field, or None (to be sampled) without one or
+    with ``anchor: policy``."""
+    return [e.anchor if cfg.anchor == "sample" else None for e in examples]
+
+
+def anchor_origins(examples: Sequence[Example], cfg: Config) -> tuple[int, int]:
+    """How many of ``examples``' anchors come from the data and how many are sampled from the policy."""
+    sampled = sum(a is None for a in data_anchors(examples, cfg))
+    return len(examples) - sampled, sampled
+
+
 def sample_anchors(
     model: nn.Module,
     tokenizer: Any,
@@ -95,7 +107,7 @@ def sample_anchors(
     pair, seeded by :func:`anchor_seed`. The model is put in eval mode (no
     dropout) with its adapters on, i.e. the current policy, and restored.
     """
-    anchors = [cfg.data_anchor(e.anchor) for e in examples]
+    anchors = data_anchors(examples, cfg)
     todo = [i for i, a in enumerate(anchors) if a is None]
     if not todo:
         return anchors

@@ -66,14 +66,15 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
     (ignored with anchor: policy), else sampled from the policy, seeded from the pair index.
     """
     def job() -> None:
+        from tidpo_mlx.anchors import anchor_origins
         from tidpo_mlx.evaluation import evaluate_pairs, load_pairs, summarize
 
         cfg, fwd, tok, _ = _load(recipe, model, adapter_path, overrides)
         pairs = load_pairs(data, tok, cfg)
         echo = (lambda s: click.echo(s, err=True)) if output == "-" else click.echo
-        sampled = sum(cfg.data_anchor(e.anchor) is None for e in pairs.examples) if cfg.triplet_on else 0
         if cfg.triplet_on:
-            anchors = f"{len(pairs.examples) - sampled} from the data, {sampled} sampled from the policy"
+            given, sampled = anchor_origins(pairs.examples, cfg)
+            anchors = f"{given} from the data, {sampled} sampled from the policy"
         else:
             anchors = "none (triplet term off)"
         echo(f"eval: {len(pairs.examples)} pairs of {pairs.path}; model {cfg.model}"

@@ -199,10 +199,6 @@ class Config:
         """
         return self.gamma > 0 and self.uses_reference and self.anchor != "none"
 
-    def data_anchor(self, example_anchor: list[int] | None) -> list[int] | None:
-        """The anchor a pair brings from its data: its ``anchor`` field, unless ``anchor: policy`` ignores it."""
-        return example_anchor if self.anchor == "sample" else None
-
     @property
     def uses_attribution(self) -> bool:
         """Whether the weights need the gradient attribution I."""

@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
-from tidpo_mlx.anchors import AnchorSource
+from tidpo_mlx.anchors import AnchorSource, anchor_origins
 from tidpo_mlx.batching import Layout, batch_order, collate, iterate_batches
 from tidpo_mlx.checkpoint import (
     Existing, check_resume, checkpoint_dirs, clear_earlier_run, fingerprint, load_checkpoint, output_folder,
@@ -300,10 +300,9 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
     log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}{resumed}")
     log(f"output: {out} (resolved config in {out / 'config.yaml'})")
     if cfg.triplet_on:
-        sampled = sum(cfg.data_anchor(e.anchor) is None for e in data.train)
+        given, sampled = anchor_origins(data.train, cfg)
         every = "every step" if cfg.anchor_every == 1 else f"{cfg.anchor_every} steps' pairs at a time"
-        log(f"triplet (gamma {cfg.gamma:g}): {len(data.train) - sampled} anchors from the data, "
-            f"{sampled} sampled from the policy ({every})")
+        log(f"triplet (gamma {cfg.gamma:g}): {given} anchors from the data, {sampled} sampled from the policy ({every})")
     if world.size() > 1:
         log(f"distributed: {world.size()} ranks, each {cfg.batch_size // world.size()} of the {cfg.batch_size} pairs of a batch")
     return Run(
