@@ -124,19 +124,27 @@ def _cached(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def audit_config(args: argparse.Namespace, data_dir: Path, seed: int) -> Any:
-    """The recipe with the audit's sizes (the same path as the CLI: recipe < overrides)."""
+    """The recipe with the audit's sizes (the same path as the CLI: recipe < overrides); the audit's seed (fold
+    split, LoRA init, batch order) is ``--train-seed`` or else the flip seed."""
     recipe = builtin_recipe_path(args.recipe)
-    overrides = {"data": str(data_dir), "seed": seed, **({"learning_rate": args.lr} if args.lr else {})}
+    run_seed = seed if args.train_seed is None else args.train_seed
+    overrides = {"data": str(data_dir), "seed": run_seed, **({"learning_rate": args.lr} if args.lr else {})}
     return build_config(load_recipe(recipe), overrides, where=str(recipe))
+
+
+def audit_name(args: argparse.Namespace, seed: int, noise: float) -> str:
+    """The folder name of an audit's settings under ``OUT/detect``."""
+    train = "" if args.train_seed is None else f"-train{args.train_seed}"
+    return f"{args.recipe}-f{args.folds}-i{args.iters}-lr{args.lr or 'recipe'}-noise{round(noise * 100):02d}-seed{seed}{train}"
 
 
 def detect_one(args: argparse.Namespace, seed: int, noise: float) -> dict[str, Any]:
     """Audit the arith training pairs with ``noise`` flipped (flip seed ``seed``); the detection row."""
     source = resolve_source("arith")
-    name = f"{args.recipe}-f{args.folds}-i{args.iters}-lr{args.lr or 'recipe'}-noise{round(noise * 100):02d}-seed{seed}"
+    name = audit_name(args, seed, noise)
     run = args.out / "detect" / name
     settings = {"recipe": args.recipe, "folds": args.folds, "iters": args.iters, "lr": args.lr, "noise": noise,
-                "seed": seed}
+                "seed": seed, **({"train_seed": args.train_seed} if args.train_seed is not None else {})}
     row = _cached(run / "result.json", settings)
     if row is not None:
         return row
@@ -199,8 +207,7 @@ def downstream_one(args: argparse.Namespace, seed: int, noise: float, method: st
         ex.noisy_folder(source, noisy, noise, seed, -1)
     data = {"clean": Path(source.name), "noisy": noisy}.get(variant)
     if data is None:
-        audit_dir = args.out / "detect" / (f"{args.recipe}-f{args.folds}-i{args.iters}-lr{args.lr or 'recipe'}"
-                                          f"-noise{round(noise * 100):02d}-seed{seed}") / "audit"
+        audit_dir = args.out / "detect" / audit_name(args, seed, noise) / "audit"
         if not audit_dir.exists():
             detect_one(args, seed, noise)
         data = base / variant
@@ -243,6 +250,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=au.DEFAULT_FOLDS)
     parser.add_argument("--iters", type=int, default=au.DEFAULT_ITERS, help="Audit steps per fold.")
     parser.add_argument("--lr", type=float, default=None, help="Audit learning rate. [default: the recipe's]")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="Seed of the audit: fold split, LoRA init, batch order. [default: the flip seed]")
     parser.add_argument("--top", type=int, default=au.DEFAULT_TOP)
     parser.add_argument("--methods", default="dpo", help="downstream: methods of experiment.METHODS.")
     parser.add_argument("--variants", default="clean,noisy,drop,flip", help="downstream: data variants.")

@@ -54,6 +54,19 @@ def test_three_steps_write_adapters_that_load_in_mlx_lm(tiny_model, data_dir, tm
     assert diff > 1e-4
 
 
+
+def test_val_batches_zero_skips_the_held_out_pass_and_says_so(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "noval"
+    lines: list[str] = []
+    result = train(_cfg(tiny_model, data_dir, out, iters=2, val_batches=0, steps_per_eval=1), log=lines.append,
+                   progress=False)
+    assert result.before is None and result.after is None
+    assert any(line.startswith("held-out: skipped (val_batches 0") for line in lines)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and not any("split" in r for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"] is None and summary["after"] is None
+
 def test_resume_equals_uninterrupted_run(tiny_model, data_dir, tmp_path):
     full = _cfg(tiny_model, data_dir, tmp_path / "full", iters=4)
     train(full, log=lambda s: None, progress=False)

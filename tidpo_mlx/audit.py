@@ -159,11 +159,16 @@ def write_fold_data(pairs: Sequence[AuditPair], fold: int, folder: Path) -> None
     write_jsonl(folder / "valid.jsonl", [p.row for p in pairs if p.fold == fold])
 
 
-def score_pairs(scorer: Scorer, cfg: Config, pairs: Sequence[AuditPair], batch_size: int) -> None:
+def score_pairs(scorer: Scorer, cfg: Config, pairs: Sequence[AuditPair], batch_size: int, bar: Any = None) -> None:
     """Fill ``scores`` of ``pairs`` from the summed log-probs of the current policy and the reference
-    (both in one compiled pass; the triplet term moves no margin)."""
+    (both in one compiled pass; the triplet term moves no margin); ``bar`` (tqdm) counts the pairs done."""
     batches = scorer.batches([p.example for p in pairs], batch_size)
-    sums = scorer.sums(batches, "both")
+    parts = []
+    for b in batches:
+        parts.append(scorer.sums([b], "both"))
+        if bar is not None:
+            bar.update(len(b))
+    sums = np.concatenate(parts, axis=-1)
     by_index = {p.index: p for p in pairs}
     for j, ex in enumerate(ex for b in batches for ex in b):
         (chosen, rejected), (ref_chosen, ref_rejected) = sums[:, :, j]
@@ -252,13 +257,17 @@ def run_audit(
     score: str = DEFAULT_SCORE,
     top: int = DEFAULT_TOP,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> AuditResult:
     """Cross-fit, score and rank every training pair of ``cfg.data``; evidence for the ``top`` pairs.
 
     ``out`` receives ``folds/fold-K/{data,adapters}`` (each fold's training
     rows and run); ``folds=0`` trains nothing and scores with the reference
-    (only ``ref_margin``). The caller writes the reports (:func:`write_reports`).
+    (only ``ref_margin``). ``progress``: the trainer's bar per fold and one
+    over the pairs scored. The caller writes the reports (:func:`write_reports`).
     """
+    from tqdm import tqdm
+
     from tidpo_mlx.evaluation import pad_id_of
     from tidpo_mlx.models import load_adapter_weights, load_tokenizer, resolve_model
     from tidpo_mlx.scoring import Scorer
@@ -288,17 +297,20 @@ def run_audit(
         t = time.perf_counter()
         folder = out / "folds" / f"fold-{k}"
         write_fold_data(pairs, k, folder / "data")
-        train(fold_config(cfg, folder / "data", folder / "adapters", iters), log=lambda _: None, progress=False)
+        train(fold_config(cfg, folder / "data", folder / "adapters", iters), log=lambda _: None, progress=progress)
         trained.append(folder / "adapters")
         seconds[f"train_fold_{k}"] = time.perf_counter() - t
         log(f"  fold {k}: trained on {sum(p.fold != k for p in pairs)} pairs in {seconds[f'train_fold_{k}']:.0f} s")
     t = time.perf_counter()
     fwd, tokenizer = load_scoring_model(cfg, attach=bool(folds))
     scorer = Scorer(fwd, cfg, pad_id_of(tokenizer))
+    bar = tqdm(total=len(pairs), desc="score", unit="pair", dynamic_ncols=True) if progress else None
     for k in range(max(folds, 1)):
         if folds:
             load_adapter_weights(fwd.model, trained[k])
-        score_pairs(scorer, cfg, [p for p in pairs if p.fold == (k if folds else -1)], batch)
+        score_pairs(scorer, cfg, [p for p in pairs if p.fold == (k if folds else -1)], batch, bar)
+    if bar is not None:
+        bar.close()
     seconds["score"] = time.perf_counter() - t
     log(f"  scored {len(pairs)} pairs in {seconds['score']:.0f} s")
     rank_pairs(pairs, score)

@@ -36,10 +36,11 @@ AUDIT_KEYS = METHOD_KEYS + (
 @click.option("--share", type=float, default=None, help="With --write: flag this share of most suspect pairs. [default: 0.2]")
 @click.option("--threshold", type=float, default=None, help="With --write: flag every pair whose score is below this.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @config_options(AUDIT_KEYS)
 def audit_command(data: str, model: str | None, recipe: str, folds: int, iters: int, score: str | None, top: int,
                   out: str, write_dir: str | None, action: str, share: float | None, threshold: float | None,
-                  debug: bool, **overrides: Any) -> None:
+                  debug: bool, quiet: bool, **overrides: Any) -> None:
     """Score every training pair for how likely its label is flipped, with models that never saw it.
 
     Splits the pairs into --folds folds (pairs sharing a prompt or both
@@ -65,7 +66,7 @@ def audit_command(data: str, model: str | None, recipe: str, folds: int, iters: 
             au.flag_rule(share, threshold)
         folder = Path(out)
         au.refuse_existing(folder, "--out")
-        result = au.run_audit(cfg, folder, folds, iters, chosen, top, log=click.echo)
+        result = au.run_audit(cfg, folder, folds, iters, chosen, top, log=click.echo, progress=not quiet)
         label = (f"recipe {recipe}: {weighting_label(cfg)}; model {cfg.model}; {result.folds} folds x {iters} steps; "
                  "evidence weights: paper preset")
         au.write_reports(result, folder, label)

@@ -132,7 +132,8 @@ class Config:
     steps_per_report: int = _doc("Progress-bar refresh of averaged metrics.", default=1)
     steps_per_eval: int = _doc("Held-out eval every N steps (0: before and after only).", default=0)
     val_batches: int = _doc(
-        "Held-out batches of 2 x batch_size pairs per eval, spread evenly over the split (-1: all).", default=-1
+        "Held-out batches of 2 x batch_size pairs per eval, spread evenly over the split (-1: all; 0: no held-out "
+        "eval, the split is still set aside).", default=-1
     )
     steps_per_save: int = _doc("Checkpoint every N steps (0: only at the end).", default=50)
     save_total_limit: int = _doc("Checkpoints kept (oldest removed first).", default=2)

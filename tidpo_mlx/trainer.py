@@ -57,7 +57,9 @@ class TrainResult:
     steps: int
     seconds: float
     before: dict[str, float] | None
-    after: dict[str, float]
+    """Held-out metrics before the first step (``None``: resumed, or ``val_batches`` 0)."""
+    after: dict[str, float] | None
+    """Held-out metrics after the last step (``None``: ``val_batches`` 0)."""
 
 
 def learning_rate_schedule(cfg: Config) -> Callable[[mx.array], mx.array]:
@@ -402,8 +404,11 @@ def train(
     cfg, log, model = run.cfg, run.log, run.fwd.model
     t = time.perf_counter()
     held_out = HeldOut(run.fwd, cfg, run.data.valid, run.pad_id, run.world)
+    evaluate = held_out.pairs > 0
+    if not evaluate:
+        log(f"held-out: skipped (val_batches {cfg.val_batches}: no held-out pairs evaluated)")
     before = None
-    if run.start == 0:
+    if run.start == 0 and evaluate:
         before = held_out(policy_is_reference=not cfg.resume_adapter_file)
         log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
         run.write({"step": 0, "split": "valid", **before})
@@ -425,7 +430,7 @@ def train(
                     bar.update(1)
                 if on_step is not None:
                     on_step(step, record)
-                if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
+                if evaluate and cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
                     val = held_out()
                     run.write({"step": step, "split": "valid", **val})
                     log(f"step {step} held-out: {_fmt(val)}")
@@ -440,9 +445,11 @@ def train(
             bar.close()
     seconds = time.perf_counter() - t_train
     t = time.perf_counter()
-    after = held_out()
-    run.write({"step": cfg.iters, "split": "valid", **after})
-    log(f"held-out after ({time.perf_counter() - t:.1f} s): {_fmt(after)}")
+    after = None
+    if evaluate:
+        after = held_out()
+        run.write({"step": cfg.iters, "split": "valid", **after})
+        log(f"held-out after ({time.perf_counter() - t:.1f} s): {_fmt(after)}")
     if run.lead:
         save_adapters(model, run.out, run.adapter_config)
         summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": run.world.size(),
