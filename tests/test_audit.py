@@ -160,6 +160,23 @@ def test_write_round_trips_the_data_format(audited, tiny_model, data_dir, tmp_pa
         au.write_cleaned(out, flipped_dir, "flip", None, 0.0, plain=False)
 
 
+def test_cleaned_rows_keep_their_other_fields_and_a_flip_swaps_the_per_response_ones():
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+             {"role": "assistant", "content": "Let me think."}, {"role": "user", "content": "Just the number."}]
+    row = {"chosen": turns + [{"role": "assistant", "content": "4"}],
+           "rejected": turns + [{"role": "assistant", "content": "5"}],
+           "score_chosen": 9.0, "score_rejected": 2.0, "chosen-model": "a", "rejected-model": "b", "id": 17}
+    kept = au.explicit_row("f.jsonl:1", row, plain=False)
+    assert kept == {"prompt": turns, "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2.0,
+                    "chosen-model": "a", "rejected-model": "b", "id": 17}
+    flipped = au.explicit_row("f.jsonl:1", row, plain=False, flip=True)
+    assert flipped == {"prompt": turns, "chosen": "5", "rejected": "4", "score_chosen": 2.0, "score_rejected": 9.0,
+                       "chosen-model": "b", "rejected-model": "a", "id": 17}
+    with_system = au.explicit_row("f.jsonl:2", {"system": "S", "prompt": "Q", "chosen": "A", "rejected": "B"}, False)
+    assert with_system == {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                           "chosen": "A", "rejected": "B"}
+
+
 def test_reference_only_and_tidpo_audit(tiny_model, data_dir, tmp_path):
     ref = tmp_path / "ref"
     _invoke(["audit", "--data", str(data_dir), "--model", str(tiny_model), "--folds", "0", "--top", "2",

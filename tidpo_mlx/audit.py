@@ -330,7 +330,7 @@ def pair_record(p: AuditPair, score: str) -> dict[str, Any]:
     """The ``audit.jsonl`` line of a pair."""
     rec: dict[str, Any] = {
         "source": p.source, "index": p.index, "rank": p.rank, "fold": p.fold, "score": p.scores[score],
-        "scores": p.scores, "prompt": p.example.messages[-1]["content"],
+        "scores": p.scores, "prompt": single(p.example.messages, "user"),
         "chosen": p.example.texts["chosen"], "rejected": p.example.texts["rejected"],
     }
     if p.evidence is not None:
@@ -464,21 +464,38 @@ def check_write_target(target: Path) -> None:
         raise ConfigError(f"{target}: exists; --write makes a new folder")
 
 
+FORMAT_FIELDS = ("prompt", "chosen", "rejected", "anchor", "system")
+"""Fields :func:`~tidpo_mlx.data.parse_row` reads; a cleaned row writes them anew (``system`` joins the prompt)."""
+
+
+def single(messages: Sequence[dict[str, Any]], role: str) -> Any:
+    """The content string of a lone plain ``role`` message, else the message list (explicit-prompt form)."""
+    one = len(messages) == 1 and set(messages[0]) == {"role", "content"} and messages[0]["role"] == role
+    return messages[0]["content"] if one else list(messages)
+
+
+def paired_fields(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """The other fields of a row that belong to one response each (``score_chosen`` / ``score_rejected``,
+    ``chosen-model`` / ``rejected-model``): the pairs a label flip swaps too."""
+    return [(k, k.replace("chosen", "rejected")) for k in row
+            if k not in FORMAT_FIELDS and "chosen" in k and k.replace("chosen", "rejected") in row]
+
+
 def explicit_row(where: str, row: dict[str, Any], plain: bool, flip: bool = False) -> dict[str, Any]:
     """A row in explicit-prompt form (strings where the prompt is one user turn and each response one
-    assistant turn, message lists otherwise); ``flip`` swaps chosen and rejected."""
+    assistant turn, message lists otherwise), its other fields kept; ``flip`` swaps chosen and rejected
+    and the fields of :func:`paired_fields`."""
     pair = parse_row(where, row, plain)
     c = pair.completions
-
-    def single(messages: list[dict[str, Any]], role: str) -> Any:
-        one = len(messages) == 1 and set(messages[0]) == {"role", "content"} and messages[0]["role"] == role
-        return messages[0]["content"] if one else messages
-
     out: dict[str, Any] = {"prompt": single(pair.prompt, "user")}
     chosen, rejected = ("rejected", "chosen") if flip else ("chosen", "rejected")
     out["chosen"], out["rejected"] = single(c[chosen], "assistant"), single(c[rejected], "assistant")
     if "anchor" in c:
         out["anchor"] = single(c["anchor"], "assistant")
+    out.update({k: v for k, v in row.items() if k not in FORMAT_FIELDS})
+    if flip:
+        for a, b in paired_fields(row):
+            out[a], out[b] = row[b], row[a]
     return out
 
 
@@ -486,9 +503,10 @@ def write_cleaned(audit_dir: Path, target: Path, action: Action, share: float | 
                   plain: bool, hf_dataset: dict[str, Any] | None = None) -> dict[str, int]:
     """A data folder with the flagged pairs of an audit dropped or flipped.
 
-    ``train.jsonl`` (explicit-prompt JSONL, the audited pairs in input order),
-    ``valid.jsonl`` (the source's valid split, unchanged in content) when it
-    has one, and ``changes.jsonl`` (one line per dropped or flipped pair).
+    ``train.jsonl`` (explicit-prompt JSONL, the audited pairs in input order,
+    other fields kept), ``valid.jsonl`` (the source's valid split, unchanged
+    in content) when it has one, and ``changes.jsonl`` (one line per dropped
+    or flipped pair, with the per-response fields a flip swapped).
     Refuses an existing ``target``.
     """
     if action not in ("drop", "flip"):
@@ -510,8 +528,10 @@ def write_cleaned(audit_dir: Path, target: Path, action: Action, share: float | 
         where = r["source"]
         hit = chosen.get(where)
         if hit is not None:
-            changes.append({"source": where, "action": action, "rank": hit["rank"], "score": hit["score"],
-                            "prompt": hit["prompt"], "chosen": hit["chosen"], "rejected": hit["rejected"]})
+            change = {"source": where, "action": action, "rank": hit["rank"], "score": hit["score"],
+                      "prompt": hit["prompt"], "chosen": hit["chosen"], "rejected": hit["rejected"]}
+            swapped = paired_fields(rows[where]) if action == "flip" else []
+            changes.append({**change, **({"swapped_fields": [k for ab in swapped for k in ab]} if swapped else {})})
         if hit is None or action == "flip":
             train.append(explicit_row(where, rows[where], plain, flip=hit is not None))
     target.mkdir(parents=True)
