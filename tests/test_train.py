@@ -54,7 +54,6 @@ def test_three_steps_write_adapters_that_load_in_mlx_lm(tiny_model, data_dir, tm
     assert diff > 1e-4
 
 
-
 def test_val_batches_zero_skips_the_held_out_pass_and_says_so(tiny_model, data_dir, tmp_path):
     out = tmp_path / "noval"
     lines: list[str] = []
@@ -66,6 +65,7 @@ def test_val_batches_zero_skips_the_held_out_pass_and_says_so(tiny_model, data_d
     assert [r["step"] for r in records] == [1, 2] and not any("split" in r for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"] is None and summary["after"] is None
+
 
 def test_resume_equals_uninterrupted_run(tiny_model, data_dir, tmp_path):
     full = _cfg(tiny_model, data_dir, tmp_path / "full", iters=4)

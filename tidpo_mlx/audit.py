@@ -163,12 +163,7 @@ def score_pairs(scorer: Scorer, cfg: Config, pairs: Sequence[AuditPair], batch_s
     """Fill ``scores`` of ``pairs`` from the summed log-probs of the current policy and the reference
     (both in one compiled pass; the triplet term moves no margin); ``bar`` (tqdm) counts the pairs done."""
     batches = scorer.batches([p.example for p in pairs], batch_size)
-    parts = []
-    for b in batches:
-        parts.append(scorer.sums([b], "both"))
-        if bar is not None:
-            bar.update(len(b))
-    sums = np.concatenate(parts, axis=-1)
+    sums = scorer.sums(batches, "both", None if bar is None else bar.update)
     by_index = {p.index: p for p in pairs}
     for j, ex in enumerate(ex for b in batches for ex in b):
         (chosen, rejected), (ref_chosen, ref_rejected) = sums[:, :, j]

@@ -70,11 +70,15 @@ class Scorer:
         mx.eval(out)
         return out
 
-    def sums(self, batches: Iterable[list[Example]], which: Which) -> np.ndarray:
+    def sums(self, batches: Iterable[list[Example]], which: Which,
+             done: Callable[[int], object] | None = None) -> np.ndarray:
         """Summed response log-probs (models, 2, pairs): per model (``both``: policy, reference), chosen and
-        rejected of every pair, in the order of ``batches``."""
+        rejected of every pair, in the order of ``batches``; ``done(n)`` after each batch of ``n`` pairs
+        (a progress bar's ``update``)."""
         parts = []
         for exs in batches:
             values = np.stack([np.array(t.sum(axis=-1), dtype=np.float64) for t in self.tokens(exs, which)])
             parts.append(values.reshape(len(values), 2, len(exs)))
+            if done is not None:
+                done(len(exs))
         return np.concatenate(parts, axis=-1)
