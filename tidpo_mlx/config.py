@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,6 +26,25 @@ from tidpo_mlx.losses import LOSSES
 
 LossType = Literal["dpo", "ipo", "tdpo1", "tdpo2", "simpo"]
 Weighting = Literal["none", "hybrid", "uniform", "random", "attribution", "prior", "softmax"]
+
+
+class Switch(str, enum.Enum):
+    """An ``auto | true | false`` setting: ``true`` and ``false`` insist, ``auto`` lets the run decide.
+
+    Read it with :meth:`resolve` (or compare with the members); YAML, the
+    command line and ``config.yaml`` spell it ``auto``, ``true``, ``false``.
+    """
+
+    AUTO = "auto"
+    TRUE = "true"
+    FALSE = "false"
+
+    def resolve(self, auto: bool) -> bool:
+        """The decision: ``auto`` when the setting is ``auto``, else what it insists on."""
+        return auto if self is Switch.AUTO else self is Switch.TRUE
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -119,10 +139,10 @@ class Config:
     batch_size: int = _doc("Preference pairs per micro-batch.", default=4)
     grad_accumulation_steps: int = _doc("Micro-batches per optimizer step.", default=1)
     max_grad_norm: float = _doc("Clip the global gradient norm (0: off).", default=1.0)
-    grad_checkpoint: Literal["auto", "true", "false"] = _doc(
+    grad_checkpoint: Switch = _doc(
         "Recompute each block in the backward pass (memory for time): auto = when the weights plus the "
         "estimated activations and optimizer state of the largest micro-step would exceed 80% of MLX's memory "
-        "limit.", default="auto"
+        "limit.", default=Switch.AUTO
     )
     logits_chunk: int = _doc(
         "Response positions per chunk of the LM head and log-softmax, recomputed in the backward pass so the "
@@ -137,16 +157,16 @@ class Config:
     )
     steps_per_save: int = _doc("Checkpoint every N steps (0: only at the end).", default=50)
     save_total_limit: int = _doc("Checkpoints kept (oldest removed first).", default=2)
-    dequantize: Literal["auto", "true", "false"] = _doc(
-        "Compute with the frozen base dequantized: auto = on CPU yes, on GPU no.", default="auto"
+    dequantize: Switch = _doc(
+        "Compute with the frozen base dequantized: auto = on CPU yes, on GPU no.", default=Switch.AUTO
     )
-    plain_attention: Literal["auto", "true", "false"] = _doc(
+    plain_attention: Switch = _doc(
         "Attention as plain ops that mx.compile shares between attribution and loss: auto = on CPU.",
-        default="auto",
+        default=Switch.AUTO,
     )
-    shared_prefix: Literal["auto", "true", "false"] = _doc(
+    shared_prefix: Switch = _doc(
         "Run each pair's prompt once for its chosen/rejected/anchor rows: auto = where exact and supported.",
-        default="auto",
+        default=Switch.AUTO,
     )
 
     # method (SPEC.md); the preset fills these, explicit keys win
@@ -207,7 +227,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON friendly) of every key."""
-        out = dataclasses.asdict(self)
+        out = {k: v.value if isinstance(v, Switch) else v for k, v in dataclasses.asdict(self).items()}
         out["lora_parameters"]["keys"] = list(self.lora_parameters.keys)
         return out
 
@@ -256,6 +276,13 @@ def _check_value(where: str, key: str, value: Any, annotation: Any) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
+    if hint is Switch:
+        if isinstance(value, bool):
+            value = str(value).lower()
+        try:
+            return Switch(value)
+        except ValueError:
+            raise ConfigError(f"{where}: '{key}' must be one of auto, true, false, got {value!r}") from None
     if hint is HFDataset:
         return _hf_dataset_from(where, key, value)
     if hint is bool:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import click
 
-from tidpo_mlx.config import Config, LoRAParameters
+from tidpo_mlx.config import Config, LoRAParameters, Switch
 from tidpo_mlx.errors import TidpoError, first_line
 
 METHOD_KEYS = (
@@ -33,6 +33,8 @@ def _option_for(name: str, hint: Any, help_text: str) -> Callable:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return click.option(flag, name, type=click.Choice([str(a) for a in typing.get_args(hint)]), default=None, help=help_text)
+    if hint is Switch:
+        return click.option(flag, name, type=click.Choice([s.value for s in Switch]), default=None, help=help_text)
     if hint is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
     return click.option(flag, name, type={int: int, float: float}.get(hint, str), default=None, help=help_text)
