@@ -28,15 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+import tidpo_mlx
 
-import numpy as np
+tidpo_mlx.setup()  # before mlx: the fast BLAS
 
-from tidpo_mlx import audit as au
-from tidpo_mlx import experiment as ex
-from tidpo_mlx.config import build_config, builtin_recipe_path, load_recipe
-from tidpo_mlx.data import read_jsonl, resolve_data_dir
-from tidpo_mlx.sources import resolve_source
+import numpy as np  # noqa: E402
+
+from tidpo_mlx import audit as au  # noqa: E402
+from tidpo_mlx import experiment as ex  # noqa: E402
+from tidpo_mlx.config import build_config, builtin_recipe_path, load_recipe  # noqa: E402
+from tidpo_mlx.sources import bundled_folder, read_jsonl, resolve_source  # noqa: E402
 
 
 def auroc(suspicion: np.ndarray, positive: np.ndarray) -> float:
@@ -178,7 +179,7 @@ def clean_reference_margins(args: argparse.Namespace) -> tuple[np.ndarray, float
     if run is None:
         run = args.out / "reference"
         if not (run / "audit.jsonl").exists():
-            cfg = audit_config(args, resolve_data_dir("arith"), 0)
+            cfg = audit_config(args, bundled_folder("arith"), 0)
             result = au.run_audit(cfg, run, 0, 0, "ref_margin", args.top, log=print)
             au.write_reports(result, run, "benchmark reference")
     margins = read_scores(run)["ref_margin"]

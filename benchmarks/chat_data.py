@@ -1,13 +1,20 @@
 """Multi-turn chat preference pairs of a chosen length, for the benchmarks (no download).
 
-    python benchmarks/chat_data.py OUT --tokens 512 [--pairs 400] [--seed 0]
+    python benchmarks/chat_data.py OUT --tokens 512 [--shape chat|real] [--pairs 400] [--seed 0]
 
 Writes ``OUT/train.jsonl`` and ``OUT/valid.jsonl`` in TRL's conversational
 explicit-prompt form (``prompt`` a message list of earlier user/assistant
 turns ending with a user turn, ``chosen``/``rejected`` one assistant message
 each) whose templated sequences are spread around ``--tokens`` tokens
-(+-30 %): about a quarter of a sequence is the answer, the rest earlier turns,
-as in long public chat sets. The words are common English words, so with the
+(+-30 %). Two shapes:
+
+- ``chat``: about a quarter of a sequence is the answer, chosen and rejected
+  of similar length (0.6-1.1), the rest earlier turns.
+- ``real``: shaped like public chat preference sets (HH-RLHF in TRL's form):
+  the prompt holds most of the sequence, each response is 10-200 tokens
+  (log-uniform), and chosen / rejected length ratios spread log-uniformly over
+  0.25-4 (:data:`REAL`).
+ The words are common English words, so with the
 built-in SmolLM2 tokenizer a word is about one token. The helpers also make the
 Anthropic-HH-like transcripts of ``encode_speed.py``.
 """
@@ -16,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from "
@@ -31,6 +40,19 @@ WORDS = ("the a of to and in is it you that he was for on are with as his they b
 
 TEMPLATE_TOKENS = 5
 """Template tokens per message (role header and end marker), roughly, for ChatML-style templates."""
+
+
+@dataclass(frozen=True)
+class RealShape:
+    """Distributions of the ``real`` preset: response lengths and the chosen / rejected length ratio."""
+
+    response_min: int = 10
+    response_max: int = 200
+    ratio_min: float = 0.25
+    ratio_max: float = 4.0
+
+
+REAL = RealShape()
 
 
 def sentence(rng: random.Random, lo: int, hi: int) -> str:
@@ -53,21 +75,45 @@ def chat_row(rng: random.Random, tokens: int) -> dict[str, Any]:
     """One conversational pair whose templated sequences are about ``tokens`` (+-30 %) tokens long."""
     total = max(16, int(tokens * rng.uniform(0.7, 1.3)))
     answer = max(4, total // 4)
-    prompt_words = total - answer
+    prompt = _turns(rng, total - answer)
+    chosen = text(rng, answer - TEMPLATE_TOKENS)
+    rejected = text(rng, max(2, int((answer - TEMPLATE_TOKENS) * rng.uniform(0.6, 1.1))))
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:
+    return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+
+def _turns(rng: random.Random, prompt_words: int) -> list[dict[str, str]]:
+    """Earlier user/assistant turns ending with a user turn, about ``prompt_words`` tokens in all."""
     prompt: list[dict[str, str]] = []
     while True:
         user = min(prompt_words, rng.randint(12, 60))
         prompt_words -= user + TEMPLATE_TOKENS
         if prompt_words < 24:
             prompt.append({"role": "user", "content": text(rng, user + max(0, prompt_words))})
-            break
+            return prompt
         reply = min(prompt_words, rng.randint(20, 160))
         prompt += [{"role": "user", "content": text(rng, user)}, {"role": "assistant", "content": text(rng, reply)}]
         prompt_words -= reply + TEMPLATE_TOKENS
-    chosen = text(rng, answer - TEMPLATE_TOKENS)
-    rejected = text(rng, max(2, int((answer - TEMPLATE_TOKENS) * rng.uniform(0.6, 1.1))))
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def real_row(rng: random.Random, tokens: int, shape: RealShape = REAL) -> dict[str, Any]:
+    """One pair of the ``real`` shape: a long multi-turn prompt, two short responses of unequal length.
+
+    The chosen response's length is log-uniform over the shape's range, the rejected one's is the chosen
+    one's divided by a log-uniform ratio (clipped to the range); the prompt fills the rest of a sequence
+    of about ``tokens`` (+-30 %) tokens.
+    """
+    total = max(48, int(tokens * rng.uniform(0.7, 1.3)))
+    chosen = int(_log_uniform(rng, shape.response_min, shape.response_max))
+    ratio = _log_uniform(rng, shape.ratio_min, shape.ratio_max)
+    rejected = int(min(max(chosen / ratio, shape.response_min), shape.response_max))
+    prompt = _turns(rng, max(24, total - (chosen + rejected) // 2))
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": text(rng, chosen - TEMPLATE_TOKENS)}],
+            "rejected": [{"role": "assistant", "content": text(rng, rejected - TEMPLATE_TOKENS)}]}
 
 
 def hh_row(rng: random.Random) -> dict[str, Any]:
@@ -83,16 +129,20 @@ def hh_row(rng: random.Random) -> dict[str, Any]:
     return {"chosen": transcript(sentence(rng, 12, 100)), "rejected": transcript(sentence(rng, 8, 80))}
 
 
-def chat_rows(n: int, tokens: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` conversational pairs of about ``tokens`` tokens per templated sequence."""
+SHAPES = {"chat": chat_row, "real": real_row}
+"""The presets, by name."""
+
+
+def chat_rows(n: int, tokens: int, seed: int = 0, shape: str = "chat") -> list[dict[str, Any]]:
+    """``n`` conversational pairs of about ``tokens`` tokens per templated sequence, of the named shape."""
     rng = random.Random(seed)
-    return [chat_row(rng, tokens) for _ in range(n)]
+    return [SHAPES[shape](rng, tokens) for _ in range(n)]
 
 
-def write_chat_data(folder: Path, tokens: int, pairs: int = 400, seed: int = 0) -> None:
+def write_chat_data(folder: Path, tokens: int, pairs: int = 400, seed: int = 0, shape: str = "chat") -> None:
     """``train.jsonl`` of ``pairs`` chat pairs and ``valid.jsonl`` of 8 more."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = chat_rows(pairs + 8, tokens, seed)
+    rows = chat_rows(pairs + 8, tokens, seed, shape)
     for name, part in (("train", rows[:pairs]), ("valid", rows[pairs:])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
 
@@ -103,9 +153,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, required=True, help="target tokens per templated sequence")
     parser.add_argument("--pairs", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="chat", help="the preset (module docstring)")
     args = parser.parse_args()
-    write_chat_data(args.out, args.tokens, args.pairs, args.seed)
-    print(f"wrote {args.pairs} + 8 pairs of about {args.tokens} tokens to {args.out}")
+    write_chat_data(args.out, args.tokens, args.pairs, args.seed, args.shape)
+    print(f"wrote {args.pairs} + 8 {args.shape} pairs of about {args.tokens} tokens to {args.out}")
 
 
 if __name__ == "__main__":

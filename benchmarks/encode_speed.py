@@ -26,8 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before the first import of mlx)
-from chat_data import hh_row
+import tidpo_mlx
+
+tidpo_mlx.setup()  # the fast BLAS, before the first import of mlx
+
+from chat_data import hh_row  # noqa: E402
 
 
 def write_data(folder: Path, pairs: int, seed: int = 0) -> None:
@@ -43,6 +46,7 @@ def write_data(folder: Path, pairs: int, seed: int = 0) -> None:
 WARM = """
 import sys, time, hashlib
 import tidpo_mlx
+tidpo_mlx.setup()
 from mlx_lm.utils import load_tokenizer
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import load_dataset

@@ -20,19 +20,21 @@ import statistics
 import tempfile
 import time
 
-import tidpo_mlx  # noqa: F401  (CPU BLAS before mlx)
+import tidpo_mlx
 
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
+tidpo_mlx.setup()  # before mlx: the fast BLAS
 
-from tidpo_mlx.batching import collate, eval_batches
-from tidpo_mlx.config import load_config
-from tidpo_mlx.models import eval_mode, reference_mode
-from tidpo_mlx.evaluation import Pairs, evaluate_pairs
-from tidpo_mlx.objective import batch_logprobs, batch_objective
-from tidpo_mlx.scoring import Scorer
-from tidpo_mlx.trainer import compile_steps, prepare
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from tidpo_mlx.batching import collate, eval_batches  # noqa: E402
+from tidpo_mlx.config import load_config  # noqa: E402
+from tidpo_mlx.models import eval_mode  # noqa: E402
+from tidpo_mlx.evaluation import Pairs, evaluate_pairs  # noqa: E402
+from tidpo_mlx.objective import batch_logprobs, batch_objective  # noqa: E402
+from tidpo_mlx.scoring import Scorer  # noqa: E402
+from tidpo_mlx.trainer import compile_steps, load_run  # noqa: E402
 
 
 def main() -> None:
@@ -42,33 +44,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="training micro-steps per repeat")
     opts = parser.parse_args()
     cfg = load_config(opts.recipe, {"adapter_path": os.path.join(tempfile.mkdtemp(), "run")})
-    run = prepare(cfg, log=lambda _: None)
-    fwd, model = run.fwd, run.fwd.model
+    run = load_run(cfg, log=lambda _: None)
+    rt, model = run.rt, run.rt.model
     rng = np.random.default_rng(0)
     model.load_weights([(k, mx.array(rng.normal(scale=0.01, size=v.shape).astype(np.float32)))
                         for k, v in tree_flatten(model.trainable_parameters())], strict=False)
     valid = run.data.valid
-    plain_batches = [fwd.prepare(collate(b, run.pad_id)) for b in eval_batches(valid, 2 * cfg.batch_size)]
-    scorer = Scorer(fwd, cfg, run.pad_id)
+    plain_batches = [rt.layout_batch(collate(b, run.pad_id)) for b in eval_batches(valid, 2 * cfg.batch_size)]
+    scorer = Scorer(rt, cfg, run.pad_id)
     batches = scorer.batches(valid, 2 * cfg.batch_size)
-    grad_step, _ = compile_steps(fwd, cfg, run.opt)
-    train = [fwd.prepare(collate(b, run.pad_id)) for b, _ in zip(run.batches(0), range(opts.steps))]
+    grad_step, _ = compile_steps(rt, cfg, run.opt)
+    train = [rt.layout_batch(collate(b, run.pad_id)) for b, _ in zip(run.batches(0), range(opts.steps))]
 
     def plain(reference: bool) -> None:
         with eval_mode(model):
             for batch, layout in plain_batches:
-                out = [batch_logprobs(fwd, batch, fwd.embed(batch), layout, chunk=cfg.logits_chunk)[0].sum(-1)]
+                out = [batch_logprobs(rt, batch, rt.embed(batch), layout, chunk=cfg.logits_chunk)[0].sum(-1)]
                 if reference:
-                    with reference_mode(model):
-                        out.append(batch_logprobs(fwd, batch, fwd.embed(batch), layout, chunk=cfg.logits_chunk)[0].sum(-1))
+                    with rt.reference():
+                        out.append(batch_logprobs(rt, batch, rt.embed(batch), layout, chunk=cfg.logits_chunk)[0].sum(-1))
                 mx.eval(out)
 
-    objective_batches = [fwd.prepare(collate(b, run.pad_id)) for b in eval_batches(valid, cfg.batch_size)]
+    objective_batches = [rt.layout_batch(collate(b, run.pad_id)) for b in eval_batches(valid, cfg.batch_size)]
 
     def plain_objective() -> None:
         with eval_mode(model):
             for batch, layout in objective_batches:
-                mx.eval(batch_objective(fwd, cfg, batch, layout)[1])
+                mx.eval(batch_objective(rt, cfg, batch, layout)[1])
 
     pairs_in = Pairs("held-out split", [], valid, run.encoder, [])
 
@@ -82,13 +84,13 @@ def main() -> None:
         "plain policy + reference": lambda: plain(True),
         "scorer both": lambda: scorer.sums(batches, "both"),
         "eval objective, plain": plain_objective,
-        "eval objective (evaluate_pairs)": lambda: evaluate_pairs(fwd, run.tokenizer, cfg, pairs_in, cfg.batch_size),
+        "eval objective (evaluate_pairs)": lambda: evaluate_pairs(rt, run.tokenizer, cfg, pairs_in, cfg.batch_size),
         "training micro-step": training,
     }
     pairs = {name: len(valid) for name in runs}
     pairs["training micro-step"] = opts.steps * cfg.batch_size
     scorer.sums(batches, "policy"), scorer.sums(batches, "both"), training()
-    evaluate_pairs(fwd, run.tokenizer, cfg, pairs_in, cfg.batch_size)
+    evaluate_pairs(rt, run.tokenizer, cfg, pairs_in, cfg.batch_size)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(opts.repeats):
         for name, fn in runs.items():

@@ -24,19 +24,21 @@ import os
 import statistics
 import time
 
-import tidpo_mlx  # noqa: F401  (CPU BLAS and allocator set-up before mlx runs)
+import tidpo_mlx
 
-import mlx.core as mx
-import numpy as np
-from mlx_lm.models import llama, qwen2
+tidpo_mlx.setup()  # CPU BLAS and allocator set-up before mlx runs
 
-from tidpo_mlx import memory
-from tidpo_mlx.batching import collate
-from tidpo_mlx.config import build_config
-from tidpo_mlx.data import Example
-from tidpo_mlx.forward import make_forward
-from tidpo_mlx.models import attach_lora
-from tidpo_mlx.trainer import build_optimizer, compile_steps
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm.models import llama, qwen2  # noqa: E402
+
+from tidpo_mlx import memory  # noqa: E402
+from tidpo_mlx.backend import select  # noqa: E402
+from tidpo_mlx.batching import collate  # noqa: E402
+from tidpo_mlx.config import build_config  # noqa: E402
+from tidpo_mlx.data import Example  # noqa: E402
+from tidpo_mlx.models import attach_lora  # noqa: E402
+from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": (llama, dict(model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
@@ -77,15 +79,15 @@ def main() -> None:
             vcfg = build_config({**keys, "shared_prefix": "auto" if variant == "shared prefix" else "false"})
             mx.random.seed(0)
             model = module.Model(module.ModelArgs(**shape))
-            attach_lora(model, vcfg)
+            reference = attach_lora(model, vcfg)
             mx.eval(model.parameters())
-            fwd, _ = make_forward(model, vcfg, opts.shape)
+            rt = select(model, vcfg, opts.shape, reference)
             if variant.endswith("recomputed"):
                 memory.recompute_blocks(model)
             opt = build_optimizer(vcfg)
             opt.init(model.trainable_parameters())
-            grad_step, apply_step = compile_steps(fwd, vcfg, opt)
-            batch, layout = fwd.prepare(collate(examples, 0))
+            grad_step, apply_step = compile_steps(rt, vcfg, opt)
+            batch, layout = rt.layout_batch(collate(examples, 0))
             mx.eval(batch, opt.state)
             resident = mx.get_active_memory()
             limit = mx.get_memory_limit()

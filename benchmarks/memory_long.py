@@ -28,20 +28,22 @@ import json
 import os
 import time
 
-import tidpo_mlx  # noqa: F401  (CPU BLAS and allocator set-up before mlx runs)
+import tidpo_mlx
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.models import qwen2
+tidpo_mlx.setup()  # CPU BLAS and allocator set-up before mlx runs
 
-from tidpo_mlx.batching import collate
-from tidpo_mlx.config import build_config
-from tidpo_mlx.data import Example
-from tidpo_mlx.forward import make_forward
-from tidpo_mlx.models import attach_lora
-from tidpo_mlx.trainer import build_optimizer, compile_steps
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.models import qwen2  # noqa: E402
+
+from tidpo_mlx.backend import select  # noqa: E402
+from tidpo_mlx.batching import collate  # noqa: E402
+from tidpo_mlx.config import build_config  # noqa: E402
+from tidpo_mlx.data import Example  # noqa: E402
+from tidpo_mlx.models import attach_lora  # noqa: E402
+from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
 
 QWEN25_15B = dict(
     model_type="qwen2",
@@ -103,14 +105,13 @@ def main() -> None:
     if opts.loss_type:
         keys["loss_type"] = opts.loss_type
     cfg = build_config(keys)
-    attach_lora(model, cfg)
-    fwd, notes = make_forward(model, cfg, "qwen2.5-1.5b-shape")
+    rt = select(model, cfg, "qwen2.5-1.5b-shape", attach_lora(model, cfg))
     mx.eval(model.parameters())
     opt = build_optimizer(cfg)
-    grad_step, apply_step = compile_steps(fwd, cfg, opt)
+    grad_step, apply_step = compile_steps(rt, cfg, opt)
     rng = np.random.default_rng(0)
     examples = [pair(i, opts.prompt, opts.response, rng) for i in range(2)]
-    batch, layout = fwd.prepare(collate(examples, 0))
+    batch, layout = rt.layout_batch(collate(examples, 0))
     mx.eval(batch)
 
     weights = nbytes(model.parameters())
@@ -145,7 +146,7 @@ def main() -> None:
         "loss": float(loss),
         "seconds_first_step": seconds,
         "load_average": os.getloadavg()[0],
-        "notes": notes,
+        "notes": rt.notes,
     }), flush=True)
 
 

@@ -32,18 +32,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+import tidpo_mlx
 
-import mlx.core as mx
+tidpo_mlx.setup()  # before mlx: the fast BLAS
+
+import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import closest_pairs, config, lora_model, median_s  # noqa: E402
 from run import NUM_LAYERS, load_avg  # noqa: E402
 
 from tidpo_mlx.backend.cpu.attention import PrefixContext, PromptKV, _attend  # noqa: E402
-from tidpo_mlx.backend.cpu.forward import CpuForward  # noqa: E402
 from tidpo_mlx.backend.cpu.prefix import prompt_pass  # noqa: E402
 from tidpo_mlx.batching import collate  # noqa: E402
+from tidpo_mlx.config import Switch  # noqa: E402
 from tidpo_mlx.doctor import gemm_gflops  # noqa: E402
 from tidpo_mlx.logprobs import Head, head_parameters, token_logprobs  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
@@ -73,11 +75,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
-    cfg = config("true", loss_type="dpo", weighting="none", gamma=0.0)
-    model, tok = lora_model(cfg)
+    cfg = config(Switch.TRUE, loss_type="dpo", weighting="none", gamma=0.0)
+    rt, tok = lora_model(cfg)
+    model = rt.model
     rows = collate(closest_pairs(args.data, tok, cfg, args.tokens), tok.pad_token_id if tok.pad_token_id is not None else 0)
-    fwd = CpuForward(model, shared=True)
-    batch, layout = fwd.prepare(rows)
+    batch, layout = rt.layout_batch(rows)  # the shared-prefix layout (DPO weights nothing)
     gemm = gemm_gflops()
     print(f"whole rows {tuple(rows.arrays['tokens'].shape)}; prompt pass {tuple(batch['prompt_tokens'].shape)}, "
           f"response pass {tuple(batch['tokens'].shape)}; GEMM {gemm:.0f} GFLOP/s; load {load_avg()}")
@@ -86,7 +88,7 @@ def main() -> None:
     block = layers[-1]
     attn, mlp = block.self_attn, block.mlp
     dim = block.input_layernorm.weight.shape[0]
-    kv = prompt_pass(model, fwd.embed_tokens(batch["prompt_tokens"]))[-1]
+    kv = prompt_pass(model, rt.embed_tokens(batch["prompt_tokens"]))[-1]
     mx.eval(kv.keys, kv.values)
     ctx = PrefixContext(kv, batch["positions"], batch["attn_mask"])
     b, p = batch["prompt_tokens"].shape
@@ -129,35 +131,35 @@ def main() -> None:
         flops[f"{name} attention"] = 4 * heads * head_dim * count * kv_len
 
     resp = int(batch["resp_mask"].sum())
-    head = Head(fwd.logits, model, head_parameters(model))
+    head = Head(rt.logits, model, head_parameters(model))
     hidden = mx.random.normal((n, batch["resp_pos"].shape[1], dim))
     targets = mx.zeros(hidden.shape[:2], dtype=mx.int32)
     parts["head"] = fwd_bwd(lambda h: token_logprobs(head, h, targets, cfg.logits_chunk), [hidden], args.reps)
-    vocab = int(fwd.logits(mx.zeros((1, dim))).shape[-1])
+    vocab = int(rt.logits(mx.zeros((1, dim))).shape[-1])
     flops["head"] = 2 * dim * vocab * hidden.shape[0] * hidden.shape[1]
 
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    grad_step, _ = compile_steps(fwd, cfg, opt)
+    grad_step, _ = compile_steps(rt, cfg, opt)
     step = median_ms(lambda: grad_step(batch, layout)[2], args.reps)
 
     total, adapted = len(layers), NUM_LAYERS
     forward_blocks = total + adapted
-    counts = {"fwd": forward_blocks, "bwd": adapted}
+    counts = {"rt": forward_blocks, "bwd": adapted}
     composed: dict[str, float] = {}
     for name in ("prompt", "response"):
         blk_f, blk_b = parts[f"{name} block"]
         g_f, g_b = parts[f"{name} gemm"]
         a_f, a_b = parts[f"{name} attention"]
-        composed[f"{name}: gemm"] = counts["fwd"] * g_f + counts["bwd"] * g_b
-        composed[f"{name}: attention core"] = counts["fwd"] * a_f + counts["bwd"] * a_b
-        composed[f"{name}: element-wise"] = (counts["fwd"] * max(0.0, blk_f - g_f - a_f)
+        composed[f"{name}: gemm"] = counts["rt"] * g_f + counts["bwd"] * g_b
+        composed[f"{name}: attention core"] = counts["rt"] * a_f + counts["bwd"] * a_b
+        composed[f"{name}: element-wise"] = (counts["rt"] * max(0.0, blk_f - g_f - a_f)
                                              + counts["bwd"] * max(0.0, blk_b - g_b - a_b))
     h_f, h_b = parts["head"]
     composed["head (2 forward, 1 backward)"] = 2 * h_f + h_b
     whole = sum(composed.values())
 
-    print(f"\n{'part (one call)':26s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd GFLOP/s':>12s}")
+    print(f"\n{'part (one call)':26s} {'rt ms':>8s} {'bwd ms':>8s} {'rt GFLOP/s':>12s}")
     for name, (f_ms, b_ms) in parts.items():
         rate = f"{flops[name] / f_ms / 1e6:12.0f}" if name in flops else " " * 12
         print(f"{name:26s} {f_ms:8.1f} {b_ms:8.1f} {rate}")

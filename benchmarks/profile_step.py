@@ -31,21 +31,22 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+import tidpo_mlx
 
-import mlx.core as mx
-import mlx.nn as nn
+tidpo_mlx.setup()  # before mlx: the fast BLAS
+
+import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import BATCH, LEARNING_RATE, LORA, NUM_LAYERS, SEED, load_avg  # noqa: E402
 
-from tidpo_mlx.backend.cpu.forward import CpuForward  # noqa: E402
+from tidpo_mlx.backend import select  # noqa: E402
 from tidpo_mlx.batching import Rows, collate  # noqa: E402
-from tidpo_mlx.config import build_config  # noqa: E402
+from tidpo_mlx.config import Switch, build_config  # noqa: E402
 from tidpo_mlx.data import Example, load_dataset  # noqa: E402
-from tidpo_mlx.forward import Forward, make_forward  # noqa: E402
-from tidpo_mlx.models import attach_lora, load_base, reference_mode, resolve_model  # noqa: E402
+from tidpo_mlx.models import attach_lora, load_base, resolve_model  # noqa: E402
 from tidpo_mlx.objective import batch_logprobs, token_weights  # noqa: E402
+from tidpo_mlx.runtime import RowLayout, Runtime  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
 
 LAYOUTS = ("whole", "shared")
@@ -54,7 +55,7 @@ BURST = 3
 compiled graphs made the next call up to 20 % slower in single-call round-robin)."""
 
 
-def config(plain: str, **extra):
+def config(plain: Switch, **extra):
     return build_config(dict(
         preset="paper", batch_size=BATCH, num_layers=NUM_LAYERS, lora_parameters=dict(LORA),
         learning_rate=LEARNING_RATE, lr_schedule="constant", warmup_steps=0, seed=SEED,
@@ -81,45 +82,45 @@ def closest_pairs(data: str, tokenizer, cfg, tokens: float, n: int = BATCH) -> l
     return examples[:n]
 
 
-def lora_model(cfg) -> tuple[nn.Module, object]:
-    """The built-in model with this CPU's forward swapped in and seeded LoRA attached, in training mode."""
+def lora_model(cfg) -> tuple[Runtime, object]:
+    """The runtime of the built-in model with seeded LoRA attached, in training mode, and its tokenizer."""
     mx.random.seed(SEED)
     model, tokenizer, _ = load_base(resolve_model(cfg.model), cfg.dequantize)
-    make_forward(model, cfg)
-    attach_lora(model, cfg)
+    rt = select(model, cfg, reference=attach_lora(model, cfg))
     model.train()
-    return model, tokenizer
+    return rt, tokenizer
 
 
-def pieces(plain: str, rows: Rows) -> dict[str, tuple[callable, tuple]]:
+def pieces(plain: Switch, rows: Rows) -> dict[str, tuple[callable, tuple]]:
     """Compiled pieces of one model (plain-op or fused attention), each with the arguments it runs on."""
     dpo_cfg = config(plain, loss_type="dpo", weighting="none", gamma=0.0)
     tidpo_cfg = config(plain, gamma=0.0)
-    model, _ = lora_model(dpo_cfg)
+    rt, _ = lora_model(dpo_cfg)
+    model = rt.model
     opt = build_optimizer(dpo_cfg)
     opt.init(model.trainable_parameters())
-    if plain == "false":
-        forwards = {"whole": Forward(model)}
+    if plain is Switch.FALSE:
+        forwards = {"whole": rt}
     else:
-        forwards = {layout: CpuForward(model, shared=layout == "shared") for layout in LAYOUTS}
-    state = [model.state]
+        assert rt.facts.layout is RowLayout.SHARED_PREFIX
+        forwards = {"whole": rt.whole_rows(), "shared": rt}
     out = {}
     grads = {}
-    for layout, fwd in forwards.items():
-        batch, lay = fwd.prepare(rows)
-        dpo_grad, update = compile_steps(fwd, dpo_cfg, opt)
-        tidpo_grad, _ = compile_steps(fwd, tidpo_cfg, opt)
+    for layout, run in forwards.items():
+        batch, lay = run.layout_batch(rows)
+        dpo_grad, update = compile_steps(run, dpo_cfg, opt)
+        tidpo_grad, _ = compile_steps(run, tidpo_cfg, opt)
 
-        def logprobs(b, fwd=fwd, lay=lay):
-            return batch_logprobs(fwd, b, fwd.embed(b), lay, False)[0]
+        def logprobs(b, run=run, lay=lay):
+            return batch_logprobs(run, b, run.embed(b), lay, False)[0]
 
         def forward_ref(b, logprobs=logprobs):
-            with reference_mode(model):
+            with rt.reference():
                 ref = logprobs(b)
             return logprobs(b), ref
 
-        def attrib(b, fwd=fwd, lay=lay):
-            return token_weights(fwd, tidpo_cfg, b, fwd.embed(b), lay.rows)["importance"]
+        def attrib(b, run=run, lay=lay):
+            return token_weights(run, tidpo_cfg, b, run.embed(b), lay.rows)["importance"]
 
         def dpo(b, lay=lay, dpo_grad=dpo_grad):
             grads["g"] = dpo_grad(b, lay)[2]
@@ -128,13 +129,12 @@ def pieces(plain: str, rows: Rows) -> dict[str, tuple[callable, tuple]]:
         def tidpo(b, lay=lay, tidpo_grad=tidpo_grad):
             return tidpo_grad(b, lay)[2]
 
-        if plain == "false":
+        if plain is Switch.FALSE:
             out.update({"dpo grad, whole (fused attention)": (dpo, batch),
                         "tidpo grad, whole (fused attention)": (tidpo, batch)})
             continue
-        for name, fn in (("forward", mx.compile(logprobs, inputs=state)),
-                         ("forward+reference", mx.compile(forward_ref, inputs=state)),
-                         ("attribution", mx.compile(attrib, inputs=state)), ("dpo grad", dpo), ("tidpo grad", tidpo)):
+        for name, fn in (("forward", rt.compile(logprobs)), ("forward+reference", rt.compile(forward_ref)),
+                         ("attribution", rt.compile(attrib)), ("dpo grad", dpo), ("tidpo grad", tidpo)):
             out[f"{name}, {layout}"] = (fn, batch)
 
         def upd(b, update=update):
@@ -154,16 +154,16 @@ def main() -> None:
     parser.add_argument("--no-fused", action="store_true", help="skip the fused-attention model")
     args = parser.parse_args()
 
-    cfg = config("true")
-    model, tok, _ = load_base(resolve_model(cfg.model), "auto")
+    cfg = config(Switch.TRUE)
+    model, tok, _ = load_base(resolve_model(cfg.model), cfg.dequantize)
     del model
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = collate(closest_pairs(args.data, tok, cfg, args.tokens), pad)
     print(f"whole rows {tuple(rows.arrays['tokens'].shape)}, {BATCH} pairs; load {load_avg()}")
 
-    fns = pieces("true", rows)
+    fns = pieces(Switch.TRUE, rows)
     if not args.no_fused:
-        fns.update(pieces("false", rows))
+        fns.update(pieces(Switch.FALSE, rows))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(args.reps + 1):
         for name, (fn, batch) in fns.items():

@@ -58,8 +58,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before the first import of mlx)
-from chat_data import chat_rows
+import tidpo_mlx
+
+tidpo_mlx.setup()  # the fast BLAS, before the first import of mlx (every variant measured here runs after it)
+
+from chat_data import chat_rows  # noqa: E402
 
 HERE = Path(__file__).resolve()
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tidpo-mlx" / "bench"
@@ -198,12 +201,14 @@ def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str
     rejected per pair) in our trainer's order.
     """
     from tidpo_mlx.batching import iterate_batches
-    from tidpo_mlx.data import load_dataset, read_jsonl, resolve_data_dir
+    from tidpo_mlx.data import load_dataset
+    from tidpo_mlx.sources import bundled_folder, read_jsonl
     from tidpo_mlx.models import resolve_model
     from mlx_lm.utils import load_tokenizer
 
     try:
-        folder = resolve_data_dir(data)
+        folder = Path(data).expanduser()
+        folder = folder if folder.is_dir() else bundled_folder(data) or folder
         rows = [r for _, r in read_jsonl(folder / "train.jsonl")]
         source = str(folder)
     except Exception:  # bundled data not there yet: a temporary folder of similar pairs
@@ -291,7 +296,7 @@ def step_flops(batch: list[dict[str, list[int]]], shape: dict[str, int], variant
     the policy and the reference forward over every row in full, the loss's backward through the
     blocks with adapters (the last ``NUM_LAYERS``) and the head; TI-DPO adds the attribution's
     backward through every block from the last position's max-logit to the response embeddings
-    (SPEC section 1: only the response tokens' importance is used, and no earlier position depends
+    (docs/method.md section 1: only the response tokens' importance is used, and no earlier position depends
     on them; its forward is the policy forward). ``executed``: the same with each pair's prompt
     counted once (the shared-prefix layout) and the reference forward of the blocks without
     adapters left out (the compiled step computes them once for both: same weights).
@@ -341,7 +346,7 @@ def fused_float32(model_path: str, log: Path) -> str:
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=CACHE))
     code = (
-        "import tidpo_mlx, sys; from tidpo_mlx.convert.fuse import fuse; "
+        "import tidpo_mlx, sys; tidpo_mlx.setup(); from tidpo_mlx.convert.fuse import fuse; "
         "fuse(sys.argv[1], None, sys.argv[2], dtype='float32')"
     )
     with open(log, "a") as f:

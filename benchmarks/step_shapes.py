@@ -20,16 +20,19 @@ import sys
 import time
 from pathlib import Path
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+import tidpo_mlx
 
-import mlx.core as mx
+tidpo_mlx.setup()  # before mlx: the fast BLAS
+
+import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import BATCH, config  # noqa: E402
 
+from tidpo_mlx.backend import select  # noqa: E402
 from tidpo_mlx.batching import collate  # noqa: E402
+from tidpo_mlx.config import Switch  # noqa: E402
 from tidpo_mlx.data import load_dataset  # noqa: E402
-from tidpo_mlx.forward import make_forward  # noqa: E402
 from tidpo_mlx.models import attach_lora, load_base, resolve_model  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
 
@@ -45,19 +48,18 @@ def main() -> None:
     args = parser.parse_args()
 
     extra = dict(loss_type="dpo", weighting="none", gamma=0.0) if args.variant == "dpo" else dict(gamma=0.0)
-    cfg = config("auto", max_length=4 * int(args.tokens), max_prompt_length=3 * int(args.tokens), **extra)
+    cfg = config(Switch.AUTO, max_length=4 * int(args.tokens), max_prompt_length=3 * int(args.tokens), **extra)
     model, tok, _ = load_base(resolve_model(cfg.model), cfg.dequantize)
     examples = load_dataset(args.data, tok, cfg).train
     examples.sort(key=lambda e: (abs((2 * len(e.prompt) + len(e.chosen) + len(e.rejected)) / 2 - args.tokens), e.index))
-    fwd, _ = make_forward(model, cfg)
-    attach_lora(model, cfg)
+    rt = select(model, cfg, reference=attach_lora(model, cfg))
     model.train()
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    grad_step, apply_step = compile_steps(fwd, cfg, opt)
+    grad_step, apply_step = compile_steps(rt, cfg, opt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = [fwd.prepare(collate(examples[BATCH * i: BATCH * (i + 1)], pad)) for i in range(max(ORDER) + 1)]
-    print(f"{args.variant}, {fwd.kind} layout, {BATCH} pairs of about {args.tokens:.0f} tokens per sequence")
+    batches = [rt.layout_batch(collate(examples[BATCH * i: BATCH * (i + 1)], pad)) for i in range(max(ORDER) + 1)]
+    print(f"{args.variant}, {rt.facts.layout} layout, {BATCH} pairs of about {args.tokens:.0f} tokens per sequence")
     seen: set[tuple] = set()
     for i in ORDER:
         batch, layout = batches[i]

@@ -21,18 +21,20 @@ import argparse
 import sys
 from pathlib import Path
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+import tidpo_mlx
 
-import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+tidpo_mlx.setup()  # before mlx: the fast BLAS
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import closest_pairs, config, lora_model, median_s  # noqa: E402
 from run import BATCH, load_avg  # noqa: E402
 
 from tidpo_mlx.anchors import sample_anchors  # noqa: E402
-from tidpo_mlx.backend.cpu.forward import CpuForward  # noqa: E402
 from tidpo_mlx.batching import collate  # noqa: E402
+from tidpo_mlx.config import Switch  # noqa: E402
 from tidpo_mlx.data import PairEncoder  # noqa: E402
 from tidpo_mlx.models import eval_mode  # noqa: E402
 from tidpo_mlx.trainer import build_optimizer, compile_steps  # noqa: E402
@@ -46,10 +48,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="K of the amortised sampling call")
     args = parser.parse_args()
 
-    cfgs = {"dpo": config("true", loss_type="dpo", weighting="none", gamma=0.0),
-            "tidpo, triplet off": config("true", gamma=0.0), "tidpo + triplet": config("true")}
+    cfgs = {"dpo": config(Switch.TRUE, loss_type="dpo", weighting="none", gamma=0.0),
+            "tidpo, triplet off": config(Switch.TRUE, gamma=0.0), "tidpo + triplet": config(Switch.TRUE)}
     cfg = cfgs["tidpo + triplet"]
-    model, tok = lora_model(cfg)
+    rt, tok = lora_model(cfg)
+    model = rt.model
     block = closest_pairs(args.data, tok, cfg, args.tokens, BATCH * args.every)
     pairs = block[:BATCH]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -60,12 +63,11 @@ def main() -> None:
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
     print(f"\n{'compiled micro-step':28s} " + " ".join(f"{k:>20s}" for k in cfgs) + "   (s; / dpo)")
-    for shared in (True, False):
-        fwd = CpuForward(model, shared=shared)
+    for shared, run in ((True, rt), (False, rt.whole_rows())):
         times = {}
         for name, c in cfgs.items():
-            batch, layout = fwd.prepare(collate(pairs, pad, anchors=anchors if c.triplet_on else None))
-            grad_step, _ = compile_steps(fwd, c, opt)
+            batch, layout = run.layout_batch(collate(pairs, pad, anchors=anchors if c.triplet_on else None))
+            grad_step, _ = compile_steps(run, c, opt)
             times[name] = median_s(lambda: mx.eval(grad_step(batch, layout)[2]), args.reps)
         cells = " ".join(f"{t:9.3f} s ({t / times['dpo']:4.2f}) " for t in times.values())
         print(f"{'shared prefix' if shared else 'whole rows':28s} {cells}")

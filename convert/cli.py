@@ -180,4 +180,56 @@ def fuse_cmd(model_path, out_dir, adapter_path, dequantize, quantize_bits, group
     click.echo(f"wrote {out}" + (f" and uploaded it to {upload_repo}" if upload_repo else ""))
 
 
+@convert.command("to-gguf")
+@click.argument("model_path")
+@click.argument("out_file", type=click.Path(dir_okay=False))
+@click.option(
+    "-a", "--adapter-path", type=click.Path(file_okay=False), default=None,
+    help="mlx-lm LoRA adapter folder to merge (or, with --lora-only, to export). Default: none (the base alone).",
+)
+@click.option(
+    "--outtype", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+    help="Weight type of the 2-D tensors (q4_0 keeps the output matrix in q8_0).",
+)
+@click.option(
+    "--lora-only", is_flag=True, default=False,
+    help="Write the adapter alone as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER) instead of a merged model.",
+)
+@click.option(
+    "--ollama", is_flag=True, default=False,
+    help="Also write an Ollama Modelfile beside OUT_FILE (FROM, TEMPLATE, stop tokens; ADAPTER with --lora-only).",
+)
+@click.option("--overwrite", is_flag=True, default=False, help="Replace OUT_FILE (and the Modelfile) if they exist.")
+@_one_line_errors
+def to_gguf_cmd(model_path, out_file, adapter_path, outtype, lora_only, ollama, overwrite):
+    """Write MODEL_PATH (built-in name, .gguf, MLX or Hugging Face folder, hub id) with its adapter merged
+    as the GGUF file OUT_FILE for llama.cpp, Ollama and LM Studio.
+
+    With --lora-only, OUT_FILE is the adapter alone; apply it to a GGUF of the
+    same base with `llama-cli -m base.gguf --lora OUT_FILE`. Nothing is left
+    behind on failure: the file is written under a temporary name and renamed.
+    """
+    from tidpo_mlx.convert.gguf_export import check_output, lora_to_gguf, to_gguf
+    from tidpo_mlx.convert.ollama import gguf_base, modelfile_path, write_modelfile
+
+    if lora_only and adapter_path is None:
+        raise click.UsageError("--lora-only needs --adapter-path")
+    check_output(out_file, overwrite)
+    if ollama:
+        modelfile_path(out_file, overwrite)
+        if lora_only:
+            gguf_base(model_path)
+    if lora_only:
+        lora_to_gguf(model_path, adapter_path, out_file, overwrite=overwrite)
+    else:
+        to_gguf(model_path, out_file, adapter_path=adapter_path, outtype=outtype, overwrite=overwrite)
+    click.echo(f"wrote {out_file}")
+    if ollama:
+        from tidpo_mlx.models import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(model_path))._tokenizer
+        path, notes = write_modelfile(out_file, model_path, tokenizer, lora_only=lora_only, overwrite=overwrite)
+        click.echo(f"wrote {path}" + "".join(f"\nnote: {n}" for n in notes))
+
+
 main = convert

@@ -1,1 +1,2 @@
-"""YAML training recipes shipped with tidpo-mlx (``quickstart.yaml`` is the default)."""
+"""YAML training recipes shipped with tidpo-mlx: named overlays on the Config defaults (``quickstart.yaml``
+names the defaults themselves)."""

@@ -41,7 +41,9 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+import tidpo_mlx
+
+tidpo_mlx.setup()  # before mlx is imported: the fast BLAS takes effect only then
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "tidpo_mlx" / "datasets" / "arith"

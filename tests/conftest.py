@@ -12,14 +12,16 @@ import os
 import random
 from pathlib import Path
 
-import tidpo_mlx  # noqa: F401  (loads the fast BLAS before mlx)
+import tidpo_mlx
 
-import mlx.core as mx
-import mlx.nn as nn
-import pytest
-from mlx.utils import tree_flatten
+tidpo_mlx.setup()  # before anything imports mlx: the fast BLAS takes effect only then
 
-from tidpo_mlx import data_cache
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import pytest  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from tidpo_mlx import data_cache  # noqa: E402
 
 # Tests never write to the user's encoded-dataset cache; tests/test_data_cache.py turns it on in a tmp folder.
 os.environ.setdefault(data_cache.DISABLE, "1")

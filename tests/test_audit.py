@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -16,7 +17,12 @@ from tidpo_mlx.data import Example, load_dataset
 from tidpo_mlx.models import load_tokenizer
 
 FLIPPED = {3, 10, 17}
+FLIPPED_LINES = {i + 1 for i in FLIPPED} | {26}
+"""train.jsonl lines whose labels are swapped: the three FLIPPED pairs and the flipped copy of pair 6."""
 TINY = ["--num-layers", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--warmup-steps", "0"]
+REJECTED = "The answer is 2 dollars."
+"""Every clean pair's rejected response: a pattern a fold model learns in a few steps, which the tiny random
+reference itself prefers to most right answers (so ranking by the reference's margin misses the flips)."""
 
 
 def _rows() -> list[dict]:
@@ -24,8 +30,7 @@ def _rows() -> list[dict]:
     rows = []
     for i in range(24):
         a, b = 3 + i, 11 + 2 * i
-        row = {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
-               "rejected": f"The answer is {a + b + 1}."}
+        row = {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": REJECTED}
         if i in FLIPPED:
             row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
         rows.append(row)
@@ -52,10 +57,10 @@ def _invoke(args: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def audited(tiny_model, data_dir, tmp_path_factory) -> tuple[Path, Path, str]:
-    """One DPO audit (2 folds x 2 steps) with --write (drop the top quarter)."""
+    """One DPO audit (2 folds x 4 steps) with --write (drop the top quarter)."""
     root = tmp_path_factory.mktemp("audit-run")
     out, cleaned = root / "audit", root / "cleaned"
-    text = _invoke(["audit", "--data", str(data_dir), "--model", str(tiny_model), "-c", "dpo", "--iters", "2",
+    text = _invoke(["audit", "--data", str(data_dir), "--model", str(tiny_model), "-c", "dpo", "--iters", "4",
                     "--top", "5", "--out", str(out), "--write", str(cleaned), "--share", "0.25", *TINY])
     return out, cleaned, text
 
@@ -90,6 +95,25 @@ def test_audit_writes_every_output(audited, data_dir):
     assert "most suspect pairs" in text and by_rank[0]["source"] in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folds"] == 2 and summary["seconds"]["total"] > 0
+
+
+def _auroc(records: list[dict], score: str) -> float:
+    """P(a flipped pair scores below a clean one), ties half: 1.0 when every flip ranks above every clean pair."""
+    flipped = [r["scores"][score] for r in records if int(r["source"].rsplit(":", 1)[1]) in FLIPPED_LINES]
+    clean = [r["scores"][score] for r in records if int(r["source"].rsplit(":", 1)[1]) not in FLIPPED_LINES]
+    assert len(flipped) == 4 and len(clean) == 23
+    return float(np.mean([(f < c) + 0.5 * (f == c) for f in flipped for c in clean]))
+
+
+def test_audit_ranks_the_flipped_pairs_first(audited):
+    """The fold models find the flips the reference misses: seeds 0-9 of this setup all rank the 4 flipped
+    pairs 1-4 (AUROC 1.0), while the reference's own margin ranks them below most clean pairs."""
+    out, _, _ = audited
+    records = _records(out)
+    assert _auroc(records, "reward_margin") >= 0.9
+    assert _auroc(records, "ref_margin") < 0.5
+    top = {int(r["source"].rsplit(":", 1)[1]) for r in records if r["rank"] <= len(FLIPPED_LINES) + 1}
+    assert FLIPPED_LINES <= top
 
 
 def test_no_pair_is_scored_by_a_model_trained_on_it(audited):

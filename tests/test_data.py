@@ -11,7 +11,10 @@ from mlx_lm.utils import load_tokenizer
 
 from tidpo_mlx.config import build_config
 from tidpo_mlx.batching import batch_order, collate
-from tidpo_mlx.data import DataError, PairEncoder, load_dataset, read_jsonl
+from tidpo_mlx.data.encoder import PairEncoder
+from tidpo_mlx.data.load import load_dataset
+from tidpo_mlx.errors import DataError
+from tidpo_mlx.sources import read_jsonl
 
 from conftest import write_jsonl
 
@@ -154,7 +157,7 @@ def test_length_bucketed_batches_are_deterministic(tok):
 
 def test_eval_subset_spreads_over_the_split():
     from tidpo_mlx.batching import eval_batches
-    from tidpo_mlx.data import Example
+    from tidpo_mlx.data.example import Example
 
     examples = [Example(index=i, source=f"v:{i}", messages=[], prompt=[1] * (i % 7 + 1), chosen=[2], rejected=[3, 3])
                 for i in range(40)]
@@ -185,14 +188,15 @@ def _messy_rows(n: int) -> list[dict]:
 def test_batched_encoding_equals_the_tokenizers_own_calls(tmp_path, tok):
     """encode_rows (batched, prompts read off the conversations' tokens, worker processes) gives the ids
     that transformers' apply_chat_template + tokenizer give text by text, and the same in 1 or 2 processes."""
-    from tidpo_mlx.sources import Rows
+    from tidpo_mlx.data.workers import encode_rows, processes
+    from tidpo_mlx.sources import SplitRows
 
-    rows = Rows([(f"f.jsonl:{i + 1}", r) for i, r in enumerate(_messy_rows(1100))], [])
-    one, bad = encoder(tok, max_prompt_length=320, max_length=480, dataset_num_proc=1).encode_rows(rows)
+    rows = SplitRows([(f"f.jsonl:{i + 1}", r) for i, r in enumerate(_messy_rows(1100))], [])
+    one, bad = encode_rows(encoder(tok, max_prompt_length=320, max_length=480, dataset_num_proc=1), rows)
     enc = encoder(tok, max_prompt_length=320, max_length=480, dataset_num_proc=2)
-    with enc.processes(len(rows.rows)):
-        assert enc.pool is not None
-        two, bad2 = enc.encode_rows(rows)
+    with processes(enc, len(rows.rows)) as pool:
+        assert pool is not None
+        two, bad2 = encode_rows(enc, rows, pool)
     assert [(e.prompt, e.chosen, e.rejected, e.source) for e in one] == \
         [(e.prompt, e.chosen, e.rejected, e.source) for e in two]
     assert bad == bad2

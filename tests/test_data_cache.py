@@ -12,7 +12,10 @@ from mlx_lm.utils import load_tokenizer
 
 from tidpo_mlx import data_cache
 from tidpo_mlx.config import build_config
-from tidpo_mlx.data import DataError, PairEncoder, load_dataset
+from tidpo_mlx.data.encoder import PairEncoder
+from tidpo_mlx.data.load import load_dataset
+from tidpo_mlx.data.workers import encode_rows
+from tidpo_mlx.errors import DataError
 from tidpo_mlx.sources import read_json_file
 
 from conftest import write_jsonl
@@ -140,7 +143,7 @@ def test_batched_encoding_gives_the_per_row_ids(tmp_path, tok):
     path = write_jsonl(tmp_path / "train.jsonl", messy_rows(80))
     rows = read_json_file(path)
     encoder = PairEncoder(tok, cfg())
-    batched, problems = encoder.encode_rows(rows)
+    batched, problems = encode_rows(encoder, rows)
     single, single_problems = [], []
     for where, row in rows.rows:
         try:

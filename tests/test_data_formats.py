@@ -10,7 +10,10 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from tidpo_mlx.config import build_config
-from tidpo_mlx.data import DataError, PairEncoder, load_dataset, parse_hh
+from tidpo_mlx.data.encoder import PairEncoder
+from tidpo_mlx.data.formats import parse_hh
+from tidpo_mlx.data.load import load_dataset
+from tidpo_mlx.errors import DataError
 
 from conftest import write_jsonl
 
@@ -102,7 +105,7 @@ def test_custom_template_refusing_system_and_tool(tmp_path, tok):
     path = tmp_path / "gemma.jinja"
     path.write_text(gemma_like)
     enc = encoder(tok, chat_template=str(path))
-    assert enc.roles == ("system", "user", "assistant") and not enc.system_ok
+    assert enc.chat.roles == ("system", "user", "assistant") and not enc.chat.system_ok
     assert any("system text is merged into the first user turn" in n for n in enc.notes)
     ex = enc.encode_row(0, "t:1", {"system": "Be exact.", "prompt": "What is 12 plus 30?", "chosen": "42", "rejected": "43"})
     assert tok.decode(ex.prompt) == "<start_of_turn>user\nBe exact.\n\nWhat is 12 plus 30?<end_of_turn>\n<start_of_turn>assistant\n"

@@ -12,9 +12,10 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from tidpo_mlx.config import build_config
-from tidpo_mlx.data import DataError, load_dataset, read_jsonl
+from tidpo_mlx.data.load import load_dataset, load_split
+from tidpo_mlx.errors import DataError
 from tidpo_mlx.evaluation import load_pairs
-from tidpo_mlx.sources import read_json_file
+from tidpo_mlx.sources import bundled_folder, read_json_file, read_jsonl
 
 from conftest import write_jsonl
 
@@ -71,6 +72,43 @@ def test_single_file_gets_a_held_out_split_grouped_by_prompt(tmp_path, tok):
     assert [e.source for e in other.valid] != [e.source for e in data.valid]
     # eval reads the same held-out split from the file's folder ... and a whole file when given one
     assert [e.source for e in load_pairs(str(path), tok, CFG).examples] == [w for w, _ in read_jsonl(path)]
+
+
+ARITH_HELD_OUT = [17, 46, 58, 76, 114, 154, 158, 174, 202, 209, 216, 254, 279, 292, 294, 309, 327, 362, 365, 441,
+                  447, 452, 456, 487, 489, 516, 517, 566, 581, 600]
+"""Lines of the bundled ``arith/train.jsonl`` that the held-out split made from it holds (valid_fraction 0.05,
+seed 0): the split every earlier version made."""
+
+
+def test_held_out_split_of_the_bundled_file_is_unchanged(tok):
+    data = load_dataset(str(bundled_folder("arith") / "train.jsonl"), tok, CFG)
+    assert [int(e.source.rsplit(":", 1)[1]) for e in data.valid] == ARITH_HELD_OUT
+    assert len(data.train) == 570 and [e.index for e in data.valid] == list(range(30))
+
+
+def test_one_split_loads_as_training_loads_it(tmp_path, tok):
+    """load_split (eval, importance, audit) gives training's examples, tokens and indices, with each row as read."""
+    from dataclasses import asdict
+
+    folder = bundled_folder("arith")
+    data = load_dataset("arith", tok, CFG)
+    for split in ("train", "valid", "test"):
+        got = load_split("arith", tok, CFG, split)
+        assert [asdict(e) for e in got.examples] == [asdict(e) for e in getattr(data, split)]
+        assert got.rows == [row for _, row in read_jsonl(folder / f"{split}.jsonl")]
+        assert got.name == f"{folder} ({split} split)"
+    write_jsonl(tmp_path / "only" / "train.jsonl", [row for _, row in read_jsonl(folder / "train.jsonl")])
+    only = str(tmp_path / "only")
+    data = load_dataset(only, tok, CFG)
+    held = load_split(only, tok, CFG)
+    assert held.name == f"{only} (held-out split made from train)"
+    assert [asdict(e) for e in held.examples] == [asdict(e) for e in data.valid]
+    assert [asdict(e) for e in load_split(only, tok, CFG, limit=5).examples] == [asdict(e) for e in data.valid[:5]]
+    every = load_split(only, tok, CFG, "train")  # the audit's: the pairs training holds out included
+    assert [e.index for e in every.examples] == list(range(600))
+    assert sorted(e.source for e in every.examples) == sorted(e.source for e in data.train + data.valid)
+    with pytest.raises(DataError, match="no test split"):
+        load_split(only, tok, CFG, "test")
 
 
 def test_folder_of_mixed_files(tmp_path, tok):

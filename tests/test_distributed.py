@@ -7,8 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import numpy as np
 import pytest

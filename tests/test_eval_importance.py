@@ -8,21 +8,20 @@ import importlib.util
 import json
 from html import escape
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+from tidpo_mlx.backend import select
 from tidpo_mlx.cli import main
 from tidpo_mlx.config import build_config, load_config
 from tidpo_mlx.batching import collate
 from tidpo_mlx.data import PairEncoder
 from tidpo_mlx.evaluation import load_pairs
-from tidpo_mlx.forward import make_forward
 from tidpo_mlx.experiment import flip_labels, make_plan, results_markdown, run_experiment
+from tidpo_mlx.inspection import weighting_label
 from tidpo_mlx.models import adapter_config, attach_lora, load_adapted, load_base, save_adapters
 from tidpo_mlx.objective import batch_objective, token_weights
 
@@ -82,12 +81,12 @@ def test_eval_is_reproducible_and_equals_batch_objective(tiny_model, adapters, p
                                 "weighted_margin", "logp_chosen", "logp_rejected"]
 
     cfg = load_config(None, {"model": str(tiny_model), "anchor": "sample"})
-    model, tok, _ = load_adapted(cfg.model, str(adapters), cfg)
+    model, tok, path, reference = load_adapted(cfg.model, str(adapters), cfg)
     model.eval()
-    fwd, _ = make_forward(model, cfg)
+    rt = select(model, cfg, str(path), reference)
     pairs = load_pairs(str(pairs_file), tok, cfg)
     anchors = [e.anchor for e in pairs.examples]
-    _, aux = batch_objective(fwd, cfg, *fwd.prepare(collate(pairs.examples, tok.pad_token_id, anchors)))
+    _, aux = batch_objective(rt, cfg, *rt.layout_batch(collate(pairs.examples, tok.pad_token_id, anchors)))
     for key in ("loss", "loss_pref", "loss_triplet", "reward_chosen", "weighted_margin", "logp_rejected"):
         np.testing.assert_allclose([r[key] for r in records], np.array(aux[key]), rtol=2e-4, atol=2e-5)
     assert any(r["loss_triplet"] > 0 for r in records)
@@ -149,12 +148,12 @@ def test_weights_are_the_losses_weights(tiny_model, adapters, tmp_path, preset, 
             assert (w.sum() if norm == "sum1" else w.mean()) == pytest.approx(1.0, abs=1e-5)
 
     cfg = load_config(None, {"model": str(tiny_model), "preset": preset, "weight_norm": norm})
-    model, tok, _ = load_adapted(cfg.model, str(adapters), cfg)
+    model, tok, path, reference = load_adapted(cfg.model, str(adapters), cfg)
     model.eval()
-    fwd = make_forward(model, cfg)[0].whole_rows()
+    rt = select(model, cfg, str(path), reference).whole_rows()
     ex = PairEncoder(tok, cfg).encode_row(0, "t", pair)
-    batch, _ = fwd.prepare(collate([ex], tok.pad_token_id))
-    tw = token_weights(fwd, cfg, batch, fwd.embed(batch), 2)
+    batch, _ = rt.layout_batch(collate([ex], tok.pad_token_id))
+    tw = token_weights(rt, cfg, batch, rt.embed(batch), 2)
     span_w, imp = np.array(tw["span_weights"]), np.array(tw["importance"])
     for row, resp, ids in ((0, c, ex.chosen), (1, r, ex.rejected)):
         pos = len(ex.prompt) + np.arange(len(ids))
@@ -171,7 +170,8 @@ def test_html_view_shows_both_responses(tiny_model, pairs_file, tmp_path):
     records, _ = _importance(tiny_model, pairs_file, tmp_path, "--html", str(page), "--limit", "2")
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "http" not in html.split("<body>")[0]
-    assert html.count("<section>") == 2 and "preset paper" in html and "weighting hybrid" in html
+    label = weighting_label(load_config(None, {"model": str(tiny_model)}))
+    assert html.count("<section>") == 2 and label in html and "weighting hybrid" in html
     assert len(records) == 2
     for rec in records:
         for key in ("chosen", "rejected"):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import tidpo_mlx  # noqa: F401  (loads the fast BLAS before mlx)
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -25,8 +23,9 @@ import pytest
 
 from tidpo_mlx.config import build_config
 from tidpo_mlx.errors import ModelError
-from tidpo_mlx.forward import Forward, make_forward
-from tidpo_mlx.models import attach_lora, load_adapted, load_base, resolve_model
+from tidpo_mlx.backend import portable, select
+from tidpo_mlx.models import Reference, attach_lora, load_adapted, load_base, resolve_model
+from tidpo_mlx.runtime import Runtime
 from tidpo_mlx.trainer import train
 
 from conftest import arith_folder, write_tokenizer
@@ -115,11 +114,16 @@ def _peft_logits(hf_folder: Path, peft_dir: Path | None) -> np.ndarray:
         return model.eval()(torch.tensor(TOKENS)).logits.numpy()
 
 
+def _portable(model: nn.Module) -> Runtime:
+    """The portable runtime of ``model`` (mlx-lm's own forward, whole rows)."""
+    return portable.build(model, build_config({}), "model", Reference(model))
+
+
 def _ours(model: nn.Module) -> np.ndarray:
-    """Logits through the forward seam: embed -> hidden -> logits (the path the loss takes)."""
-    fwd = Forward(model)
+    """Logits through the runtime seam: embed -> hidden -> logits (the path the loss takes)."""
+    rt = _portable(model)
     batch = {"tokens": mx.array(TOKENS)}
-    return np.array(fwd.logits(fwd.hidden(fwd.embed(batch), batch, slice(None))))
+    return np.array(rt.logits(rt.hidden(rt.embed(batch), batch, slice(None))))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -137,7 +141,7 @@ def test_family_trains_attributes_exports_and_generates(family, data_dir, tmp_pa
     assert set(saved["lora_parameters"]["keys"]) == FUSED.get(family, LLAMA_LINEAR)
 
     # tidpo-mlx's own path (the loss's), the printed mlx_lm.generate arguments and transformers + peft agree
-    model, tok, _ = load_adapted(str(folder), str(result.adapter_path), cfg)
+    model, tok = load_adapted(str(folder), str(result.adapter_path), cfg)[:2]
     ours = _ours(model)
     printed, _ = load(str(result.model_path), adapter_path=str(result.adapter_path))
     theirs = np.array(printed(mx.array(TOKENS)))
@@ -148,33 +152,69 @@ def test_family_trains_attributes_exports_and_generates(family, data_dir, tmp_pa
     assert _relative(ours, hf_tuned) < TOLERANCE.get(family, 1e-4)
 
     # importance: finite, non-zero attribution on every response token
-    fwd, _ = make_forward(model, cfg)
-    records = importance_records(fwd, tok, cfg, load_pairs(str(data_dir / "valid.jsonl"), tok, cfg))
+    records = importance_records(select(model, cfg), tok, cfg, load_pairs(str(data_dir / "valid.jsonl"), tok, cfg))
     for r in records:
         for side in ("chosen", "rejected"):
             attr = np.array(r[side]["attribution"])
             assert len(attr) == len(r[side]["token_ids"]) and np.isfinite(attr).all() and attr.max() > 0
 
 
+def _assert_every_adapter_trained(adapter_path: Path) -> None:
+    """Each ``lora_b`` (initially zero) is non-zero after step 1, and steps 2.. changed every tensor (``lora_a``'s
+    first gradient is exactly zero, since ``lora_b`` starts at zero)."""
+    def tensors(path: Path) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in mx.load(str(path / "adapters.safetensors")).items()}
+
+    first, last = tensors(adapter_path / "checkpoints" / "step-000001"), tensors(adapter_path)
+    assert last and first.keys() == last.keys()
+    assert not [k for k in first if k.endswith("lora_b") and not first[k].any()]
+    assert not [k for k in last if np.array_equal(first[k], last[k])]
+
+
+def _quantized_bases(model: nn.Module) -> list[bool]:
+    """For every LoRA layer of ``model``: whether the frozen linear layer under it is still quantized."""
+    return [isinstance(m.linear, nn.QuantizedLinear) for _, m in model.named_modules() if hasattr(m, "lora_a")]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_4bit_copy_trains(family, data_dir, tmp_path):
+    """A 4-bit copy: two steps train every adapter tensor; the saved adapters on the quantized base in mlx-lm (the
+    printed ``mlx_lm.generate`` arguments) give the logits of our (dequantized on the CPU) model, and matter."""
+    from mlx_lm import load
+
     from tidpo_mlx.convert.hf import hf_to_mlx
 
     q4 = hf_to_mlx(hf_model(tmp_path / family, family), tmp_path / "q4", quantize=True, bits=4, group_size=32)
     assert json.loads((q4 / "config.json").read_text())["quantization"]["bits"] == 4
-    _, result = _train(q4, data_dir, tmp_path / "ad")
-    assert result.steps == 1 and np.isfinite(result.after["rewards/margins"])
+    cfg, result = _train(q4, data_dir, tmp_path / "ad", iters=2, steps_per_save=1)
+    assert result.steps == 2 and np.isfinite(result.after["rewards/margins"])
+    _assert_every_adapter_trained(result.adapter_path)
+    model = load_adapted(str(q4), str(result.adapter_path), cfg)[0]
+    printed, _ = load(str(result.model_path), adapter_path=str(result.adapter_path))
+    plain, _ = load(str(result.model_path))
+    assert _quantized_bases(printed) and all(_quantized_bases(printed))
+    tokens = mx.array(TOKENS)
+    theirs = np.array(printed(tokens))
+    assert _relative(np.array(model(tokens)), theirs) < 1e-4
+    assert _relative(theirs, np.array(plain(tokens))) > 1e-3
 
 
 def test_dequantize_false_keeps_the_base_quantized(data_dir, tmp_path):
     """The closest CPU stand-in for the Metal path: quantized matmuls and a QuantizedEmbedding in the forward."""
+    from mlx_lm import load
+
     from tidpo_mlx.convert.hf import hf_to_mlx
 
     q4 = hf_to_mlx(hf_model(tmp_path / "phi3", "phi3"), tmp_path / "q4", quantize=True, bits=4, group_size=32)
-    cfg, result = _train(q4, data_dir, tmp_path / "ad", dequantize="false")
-    model, _, _ = load_adapted(str(q4), str(result.adapter_path), cfg)
-    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    cfg, result = _train(q4, data_dir, tmp_path / "ad", dequantize="false", iters=2, steps_per_save=1)
     assert np.isfinite(result.after["rewards/margins"])
+    _assert_every_adapter_trained(result.adapter_path)
+    model = load_adapted(str(q4), str(result.adapter_path), cfg)[0]
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    assert _quantized_bases(model) and all(_quantized_bases(model))
+    printed, _ = load(str(result.model_path), adapter_path=str(result.adapter_path))
+    tokens = mx.array(TOKENS)
+    assert _relative(np.array(model(tokens)), np.array(printed(tokens))) < 1e-5
 
 
 def test_mixed_bit_quantization_as_mlx_community_ships_it(data_dir, tmp_path):
@@ -198,7 +238,7 @@ def test_mixed_bit_quantization_as_mlx_community_ships_it(data_dir, tmp_path):
     quant = json.loads((mixed / "config.json").read_text())["quantization"]
     assert quant["group_size"] == 128 and quant["model.layers.0.mlp.down_proj"] == {"group_size": 64, "bits": 8}
     cfg, result = _train(mixed, data_dir, tmp_path / "ad")
-    model, _, _ = load_adapted(str(mixed), str(result.adapter_path), cfg)
+    model = load_adapted(str(mixed), str(result.adapter_path), cfg)[0]
     printed, _ = load(str(result.model_path), adapter_path=str(result.adapter_path))
     assert _relative(_ours(model), np.array(printed(mx.array(TOKENS)))) < 1e-4
     peft_dir = to_peft(result.adapter_path, tmp_path / "peft")
@@ -235,12 +275,12 @@ def test_rope_scaling_from_rope_parameters_matches_transformers_on_a_long_input(
 def test_attribution_is_that_of_input_embeddings(tmp_path):
     """For a family with an ``input_embeddings`` argument, our path differentiates exactly the same function."""
     model, _, _ = load_base(hf_model(tmp_path / "qwen2", "qwen2"))
-    fwd = Forward(model)
+    rt = _portable(model)
     batch = {"tokens": mx.array(TOKENS)}
-    e = fwd.embed(batch)
+    e = rt.embed(batch)
 
     def ours(x):
-        return fwd.logits(fwd.hidden(x, batch, slice(None))[:, -1:]).max()
+        return rt.logits(rt.hidden(x, batch, slice(None))[:, -1:]).max()
 
     def theirs(x):
         return model(batch["tokens"], input_embeddings=x)[:, -1].max()
@@ -268,5 +308,9 @@ def test_a_model_without_a_token_embedding_is_a_one_line_error():
             super().__init__()
             self.model = Inner()
 
+        @property
+        def layers(self) -> list:
+            return []
+
     with pytest.raises(ModelError, match="model type 'strange': no token embedding found"):
-        Forward(Model())
+        select(Model(), build_config({}))

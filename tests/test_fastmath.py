@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

@@ -159,7 +159,7 @@ def test_sigint_checkpoints_the_step_and_prints_the_resume_command(base, referen
 def test_second_ctrl_c_exits_at_once(tmp_path):
     script = (
         "import os, signal, time\n"
-        "from tidpo_mlx.trainer import StopRequest\n"
+        "from tidpo_mlx.interrupts import StopRequest\n"
         "with StopRequest(print) as stop:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(0.2)\n"

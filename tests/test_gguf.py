@@ -21,10 +21,12 @@ import pytest
 
 from tidpo_mlx import builtin
 from tidpo_mlx.convert import gguf as conv
+from tidpo_mlx.convert.gguf_tokenizer import bytes_to_unicode
+from tidpo_mlx.convert.gguf_weights import hf_name
 
 # ----------------------------------------------------------------------------- helpers
 
-BYTE_TOKENS = list(conv._bytes_to_unicode().values())
+BYTE_TOKENS = list(bytes_to_unicode().values())
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "a n", "an d", "Ġ and"]
 TOKENS = SPECIALS + BYTE_TOKENS + ["Ġt", "he", "Ġthe", "in", "an", "and", "Ġand"]
@@ -164,7 +166,7 @@ def tiny_llama(
         for short, shape in shapes.items():
             scale = 0.1 if len(shape) == 2 else 0.0
             array = rng.standard_normal(shape) * scale + (1.0 if len(shape) == 1 else 0.0)
-            hf = conv._hf_name(f"blk.{i}.{short}.weight")
+            hf = hf_name(f"blk.{i}.{short}.weight")
             add(f"blk.{i}.{short}.weight", hf, array, short, layer=i)
     add("output_norm.weight", "model.norm.weight", 1.0 + 0.1 * rng.standard_normal(h), "output_norm")
     if not tied:
@@ -425,7 +427,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     def boom(*args):
         raise RuntimeError("crash while writing")
 
-    monkeypatch.setattr(conv, "_write_tokenizer", boom)
+    monkeypatch.setattr(conv, "write_tokenizer_files", boom)
     with pytest.raises(RuntimeError, match="crash"):
         conv.gguf_to_mlx(path, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]  # no folder, no temp left

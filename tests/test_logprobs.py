@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -111,28 +109,28 @@ def test_chunked_backward_holds_one_chunk_of_logits():
 @pytest.fixture(scope="module")
 def tiny(setup):
     """test_objective's tiny LoRA model (randomised adapters) over whole rows, and its two pairs."""
-    _, fwd, _, _, examples = setup
-    return fwd, examples
+    _, rt, _, _, examples = setup
+    return rt, examples
 
 
 def test_head_parameters_are_none_under_lora(tiny):
-    fwd, _ = tiny
-    assert head_parameters(fwd.model) == {}
+    rt, _ = tiny
+    assert head_parameters(rt.model) == {}
 
 
 @pytest.mark.parametrize("preset,loss_type", [("paper", "dpo"), ("official", "tdpo2")])
 @pytest.mark.parametrize("chunk", [4, 7])
 def test_objective_chunked_equals_plain(tiny, preset, loss_type, chunk):
     """Loss, per-pair terms and LoRA gradients of the compiled step, chunked vs ``logits_chunk: 0``."""
-    fwd, examples = tiny
+    rt, examples = tiny
     base = build_config({"model": "x", "num_layers": 2, "preset": preset, "loss_type": loss_type})
-    batch, layout = fwd.prepare(collate(examples, 0))
+    batch, layout = rt.layout_batch(collate(examples, 0))
     positions = layout.rows * batch["resp_pos"].shape[1]
     assert positions % 4 == 0 and positions % 7 != 0
     results = []
     for c in (0, chunk):
         cfg = dataclasses.replace(base, logits_chunk=c)
-        grad_step, _ = compile_steps(fwd, cfg, build_optimizer(cfg))
+        grad_step, _ = compile_steps(rt, cfg, build_optimizer(cfg))
         loss, aux, grads = grad_step(batch, layout)
         mx.eval(loss, aux, grads)
         results.append((loss, aux, dict(tree_flatten(grads))))
@@ -150,10 +148,10 @@ def test_objective_chunked_equals_plain(tiny, preset, loss_type, chunk):
 
 def test_objective_uncompiled_chunked_equals_plain(tiny):
     """The objective uncompiled (as a plain call runs it): the chunked head gives the whole-vocabulary values."""
-    fwd, examples = tiny
-    batch, layout = fwd.prepare(collate(examples, 0))
+    rt, examples = tiny
+    batch, layout = rt.layout_batch(collate(examples, 0))
     outs = [
-        batch_objective(fwd, build_config({"model": "x", "preset": "official", "logits_chunk": c}), batch, layout)[1]
+        batch_objective(rt, build_config({"model": "x", "preset": "official", "logits_chunk": c}), batch, layout)[1]
         for c in (0, 5)
     ]
     for k in ("loss", "kl_chosen", "logp_rejected"):

@@ -27,7 +27,7 @@ def np_prior(n, sigma_div):
 
 
 def np_weights(kind, importance, lam, sigma_div, norm, random_draw=None):
-    """Straightforward per-span implementation of SPEC sections 2, 3 and 8."""
+    """Straightforward per-span implementation of docs/method.md sections 2, 3 and 8."""
     n = len(importance)
     if kind == "none":
         return np.ones(n)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -13,12 +11,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from tidpo_mlx import memory
+from tidpo_mlx.backend import select
 from tidpo_mlx.batching import collate
-from tidpo_mlx.config import build_config
+from tidpo_mlx.config import Switch, build_config
 from tidpo_mlx.data import Example
-from tidpo_mlx.forward import make_forward
 from tidpo_mlx.models import attach_lora, load_base
 from tidpo_mlx.objective import batch_objective
+from tidpo_mlx.runtime import Facts, RowLayout, backward_blocks
 from tidpo_mlx.trainer import train
 
 from conftest import arith_folder, arith_rows
@@ -33,20 +32,20 @@ def _grads(model_path, recompute: bool, compiled: bool):
                         "grad_checkpoint": "true" if recompute else "false"})
     model, _, _ = load_base(model_path)
     mx.random.seed(0)
-    attach_lora(model, cfg)
+    reference = attach_lora(model, cfg)
     for _, p in tree_flatten(model.trainable_parameters()):  # non-zero lora_b so every path carries gradient
         p += 0.01
-    fwd, _ = make_forward(model, cfg)
+    rt = select(model, cfg, reference=reference)
     if recompute:
         assert memory.recompute_blocks(model) == len(model.layers) and memory.recomputing(model)
     encoder = PairEncoder(load_tokenizer(model_path), cfg)
     rows = arith_rows(2, seed=3)
     rows[1]["prompt"] = "A longer question, with more words in it: " + rows[1]["prompt"]
     examples = [encoder.encode_row(i, f"t:{i}", r) for i, r in enumerate(rows)]
-    batch, layout = fwd.prepare(collate(examples, 0))
-    step = nn.value_and_grad(model, lambda b: batch_objective(fwd, cfg, b, layout))
+    batch, layout = rt.layout_batch(collate(examples, 0))
+    step = nn.value_and_grad(model, lambda b: batch_objective(rt, cfg, b, layout))
     if compiled:
-        step = mx.compile(step, inputs=[model.state], outputs=[model.state])
+        step = rt.compile(step)
     (loss, _), grads = step(batch)
     mx.eval(loss, grads)
     out = float(loss), {k: np.array(v) for k, v in tree_flatten(grads)}
@@ -80,21 +79,30 @@ def test_auto_follows_the_estimate_and_the_memory_limit(tiny_model):
     assert shared == memory.Extent(2 * 40 + 4 * 24, 2 * 40 * 40 + 4 * 24 * 64)
     assert memory.Extent.of(_pairs(40, 24), 3, shared=True).tokens == 2 * 40 + 6 * 24  # anchor rows
     assert memory.Extent.of(_pairs(37, 21), 2, shared=False) == whole  # padded as training pads (multiples of 8)
-    small = memory.activation_bytes(model, n, whole, plain_attention=True)
+    small = memory.activation_bytes(model, n, whole, score_matrix=True)
     assert memory.activation_bytes(model, n, memory.Extent.of(_pairs(80, 48), 2, False), True) > 2 * small  # L^2
     assert memory.activation_bytes(model, 2 * n, whole, True) == 2 * small
     assert memory.activation_bytes(model, n, shared, True) < 0.8 * small  # each prompt once
-    assert memory.backward_blocks(model, 1, attribution=False) == 1
-    assert memory.backward_blocks(model, -1, attribution=False) == n
-    assert memory.backward_blocks(model, 1, attribution=True) == n  # d/dE goes through every block
-    assert memory.decide("true", model, n, whole, True) == (True, "grad_checkpoint: true")
-    on, note = memory.decide("auto", model, n, whole, True)
-    assert not on and "grad_checkpoint auto: off" in note
+    assert backward_blocks(model, 1, attribution=False) == 1
+    assert backward_blocks(model, -1, attribution=False) == n
+    assert backward_blocks(model, 1, attribution=True) == n  # d/dE goes through every block
+    plain = Facts("cpu", RowLayout.ROWS, score_matrix=True, quantized=False, backward_blocks=n)
+    insisted = memory.decide(Switch.TRUE, model, plain, whole)
+    assert insisted.on and insisted.estimate is None and insisted.note == "grad_checkpoint: true"
+    assert not memory.decide(Switch.FALSE, model, plain, whole).on
+    decision = memory.decide(Switch.AUTO, model, plain, whole)
+    assert not decision.on and decision.estimate.activations == small and "grad_checkpoint auto: off" in decision.note
     limit = mx.get_memory_limit()
     try:
         mx.set_memory_limit(small)  # activations over half the limit
-        on, note = memory.decide("auto", model, n, whole, True)
-        assert on and "grad_checkpoint auto: on" in note and "over 80%" in note
+        decision = memory.decide(Switch.AUTO, model, plain, whole)
+        assert decision.on and "grad_checkpoint auto: on" in decision.note and "over 80%" in decision.note
+        shared = Facts("cpu", RowLayout.SHARED_PREFIX, score_matrix=True, quantized=False, backward_blocks=n)
+        held = memory.decide(Switch.AUTO, model, shared, whole, keep_shared_prefix=True)
+        assert not held.on and held.held_off and held.estimate.over
+        assert held.note.startswith("grad_checkpoint auto: off") and held.note.endswith("kept off for shared_prefix: true")
+        leaves = memory.decide(Switch.AUTO, model, shared, whole)
+        assert leaves.on and leaves.leaves_shared_prefix and not leaves.held_off
     finally:
         mx.set_memory_limit(limit)
 
@@ -118,8 +126,8 @@ def test_auto_counts_the_blocks_and_tokens_the_step_runs(tiny_model):
     rows[0]["prompt"] = "A much longer question, with many more words in it than the others have: " + rows[0]["prompt"]
     rows[1]["chosen"] = "A much longer answer, with many more words in it than the others have: " + rows[1]["chosen"]
     train_set = [encoder.encode_row(i, f"t:{i}", r) for i, r in enumerate(rows)]
-    fwd_dpo, _ = make_forward(model, dpo)
-    assert fwd_dpo.kind == "shared-prefix"
+    rt_dpo = select(model, dpo)
+    assert rt_dpo.facts.layout is RowLayout.SHARED_PREFIX
     prompt = max(len(ex.prompt) for ex in train_set)
     response = max(ex.overlap for ex in train_set)
     worst_pair = max(train_set, key=lambda ex: ex.length)
@@ -127,24 +135,26 @@ def test_auto_counts_the_blocks_and_tokens_the_step_runs(tiny_model):
     low = memory.activation_bytes(model, 1, memory.Extent.of([worst_pair] * 2, 2, True), True)
     high = memory.activation_bytes(model, len(model.layers), memory.Extent.of([worst_pair] * 2, 2, False), True)
     assert high > 2 * low and memory.activation_bytes(model, 1, loose, True) > low
-    attach_lora(model, dpo)
+    reference = attach_lora(model, dpo)
+    rt_dpo = select(model, dpo, reference=reference)
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     gc.collect()
     resident = mx.get_active_memory() + memory.OPTIMIZER_COPIES * trainable
     limit = mx.get_memory_limit()
     try:
         mx.set_memory_limit(int((resident + (low + high) / 2) / memory.SHARE))  # between the two estimates
-        on, note = grad_checkpoint(dpo, fwd_dpo, train_set, ranks=1)
-        assert not on and "auto: off" in note and "for 1 blocks" in note
-        fwd_whole, _ = make_forward(model, tidpo)
-        on, note = grad_checkpoint(tidpo, fwd_whole, train_set, ranks=1)
-        assert on and "auto: on" in note and f"for {len(model.layers)} blocks" in note
+        decision = grad_checkpoint(rt_dpo, dpo, train_set, ranks=1)
+        assert not decision.on and "auto: off" in decision.note and "for 1 blocks" in decision.note
+        rt_whole = select(model, tidpo, reference=reference)
+        decision = grad_checkpoint(rt_whole, tidpo, train_set, ranks=1)
+        assert decision.on and "auto: on" in decision.note and f"for {len(model.layers)} blocks" in decision.note
         mx.set_memory_limit(resident)  # even the DPO step is over: recompute, over whole rows
-        on, note = grad_checkpoint(dpo, fwd_dpo, train_set, ranks=1)
-        assert on and note.endswith("whole rows instead of the shared prefix")
+        decision = grad_checkpoint(rt_dpo, dpo, train_set, ranks=1)
+        assert decision.on and decision.leaves_shared_prefix
+        assert decision.note.endswith("whole rows instead of the shared prefix")
         insist = build_config({**dpo.to_dict(), "shared_prefix": "true"})
-        on, note = grad_checkpoint(insist, fwd_dpo, train_set, ranks=1)
-        assert not on and note.endswith("kept off for shared_prefix: true")
+        decision = grad_checkpoint(rt_dpo, insist, train_set, ranks=1)
+        assert not decision.on and decision.held_off and decision.note.endswith("kept off for shared_prefix: true")
     finally:
         mx.set_memory_limit(limit)
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from tidpo_mlx.backend import select
 from tidpo_mlx.config import build_config
 from tidpo_mlx.data import PairEncoder
 from tidpo_mlx.importance import attribution
 from tidpo_mlx.batching import collate
-from tidpo_mlx.forward import make_forward
-from tidpo_mlx.models import attach_lora, reference_mode, load_base
+from tidpo_mlx.models import attach_lora, load_base
 from tidpo_mlx.objective import batch_objective, response_logprobs
 
 from test_losses import np_kl, np_log_sigmoid, np_weights
@@ -35,7 +33,7 @@ ROWS = [
 
 
 def np_distance(x, y):
-    """SPEC section 5: d(a, b) = sum of squared differences over the overlapping positions."""
+    """docs/method.md section 5: d(a, b) = sum of squared differences over the overlapping positions."""
     n = min(len(x), len(y))
     return ((x[:n] - y[:n]) ** 2).sum()
 
@@ -52,15 +50,15 @@ def _randomise_lora(model, seed=0):
 def setup(tiny_model):
     cfg = build_config({"model": str(tiny_model), "num_layers": 2})
     model, tok, _ = load_base(tiny_model)
-    attach_lora(model, cfg)
+    reference = attach_lora(model, cfg)
     _randomise_lora(model)
     base, _, _ = load_base(tiny_model)
-    make_forward(base, cfg)
+    select(base, cfg)
     model.eval()
-    fwd = make_forward(model, cfg)[0].whole_rows()  # whole rows, as every config here allows
+    rt = select(model, cfg, reference=reference).whole_rows()  # whole rows, as every config here allows
     enc = PairEncoder(tok, cfg)
     examples = [enc.encode_row(i, f"mem:{i}", r) for i, r in enumerate(ROWS)]
-    return cfg, fwd, base, tok, examples
+    return cfg, rt, base, tok, examples
 
 
 def _np_logps(model, rows):
@@ -78,22 +76,22 @@ def _np_logps(model, rows):
     return out, full
 
 
-def test_reference_mode_is_the_base_model(setup):
-    cfg, fwd, base, tok, examples = setup
-    model = fwd.model
+def test_reference_is_the_base_model(setup):
+    cfg, rt, base, tok, examples = setup
+    model = rt.model
     tokens = mx.array(collate(examples, 0).arrays["tokens"])
-    with reference_mode(model):
+    with rt.reference():
         off = np.array(model(tokens))
     np.testing.assert_array_equal(off, np.array(base(tokens)))
     assert np.abs(np.array(model(tokens)) - off).max() > 1e-3
 
 
 def test_response_logprobs_match_full_forward(setup):
-    cfg, fwd, base, tok, examples = setup
-    model = fwd.model
+    cfg, rt, base, tok, examples = setup
+    model = rt.model
     batch = collate(examples, 0)
-    arrays, layout = fwd.prepare(batch)
-    got, _ = response_logprobs(fwd, fwd.embed(arrays), arrays, layout.groups[0], full=False)
+    arrays, layout = rt.layout_batch(batch)
+    got, _ = response_logprobs(rt, rt.embed(arrays), arrays, layout.groups[0], full=False)
     want, _ = _np_logps(model, batch)
     got = np.array(got)
     for i, row in enumerate(want):
@@ -102,10 +100,10 @@ def test_response_logprobs_match_full_forward(setup):
 
 
 def test_attribution_matches_finite_differences(setup):
-    cfg, fwd, base, tok, examples = setup
-    model = fwd.model
-    rows = fwd.whole_rows()
-    batch, _ = rows.prepare(collate(examples[:1], 0))
+    cfg, rt, base, tok, examples = setup
+    model = rt.model
+    rows = rt.whole_rows()
+    batch, _ = rows.layout_batch(collate(examples[:1], 0))
     last = int(batch["last"][0])
     e = rows.embed(batch).astype(mx.float32)
     importance = np.array(attribution(rows, e, batch, slice(None)))[0]
@@ -135,18 +133,18 @@ def test_attribution_matches_finite_differences(setup):
     ("paper", "dpo", "uniform"),
 ])
 def test_batch_objective_matches_numpy(setup, preset, loss_type, weighting):
-    base_cfg, fwd, base, tok, examples = setup
-    model = fwd.model
+    base_cfg, rt, base, tok, examples = setup
+    model = rt.model
     cfg = build_config({"model": "x", "num_layers": 2, "preset": preset, "loss_type": loss_type,
                         "weighting": weighting, "label_smoothing": 0.1 if loss_type == "dpo" else 0.0})
     anchors = [e.anchor for e in examples]
     batch = collate(examples, 0, anchors)
-    loss, aux = batch_objective(fwd, cfg, *fwd.prepare(batch))
+    loss, aux = batch_objective(rt, cfg, *rt.layout_batch(batch))
 
     pol, pol_full = _np_logps(model, batch)
     ref, ref_full = _np_logps(base, batch)
-    rows = fwd.whole_rows()
-    whole, _ = rows.prepare(batch)
+    rows = rt.whole_rows()
+    whole, _ = rows.layout_batch(batch)
     imp = np.array(attribution(rows, rows.embed(whole)[:4], whole, slice(0, 4)))
     b = len(examples)
     per_pair = []
@@ -182,11 +180,11 @@ def test_batch_objective_matches_numpy(setup, preset, loss_type, weighting):
 
 
 def test_simpo_needs_no_reference(setup):
-    _, fwd, base, tok, examples = setup
-    model = fwd.model
+    _, rt, base, tok, examples = setup
+    model = rt.model
     cfg = build_config({"model": "x", "loss_type": "simpo", "weighting": "none"})
     batch = collate(examples, 0)
-    _, aux = batch_objective(fwd, cfg, *fwd.prepare(batch))
+    _, aux = batch_objective(rt, cfg, *rt.layout_batch(batch))
     pol, _ = _np_logps(model, batch)
     b = len(examples)
     for i in range(b):
@@ -198,11 +196,11 @@ def test_simpo_needs_no_reference(setup):
 def test_gradients_reach_only_lora(setup):
     import mlx.nn as nn
 
-    cfg, fwd, base, tok, examples = setup
-    model = fwd.model
+    cfg, rt, base, tok, examples = setup
+    model = rt.model
     model.train()
-    batch, layout = fwd.prepare(collate(examples, 0, [e.anchor for e in examples]))
-    vg = nn.value_and_grad(model, lambda bt: batch_objective(fwd, dataclasses.replace(cfg), bt, layout))
+    batch, layout = rt.layout_batch(collate(examples, 0, [e.anchor for e in examples]))
+    vg = nn.value_and_grad(model, lambda bt: batch_objective(rt, dataclasses.replace(cfg), bt, layout))
     (loss, _), grads = vg(batch)
     flat = dict(tree_flatten(grads))
     assert flat and all(k.endswith(("lora_a", "lora_b")) for k in flat)
@@ -213,8 +211,8 @@ def test_gradients_reach_only_lora(setup):
 def test_anchor_cut_to_the_pair_keeps_the_triplet_loss(setup):
     """Anchor tokens past max(len y_w, len y_l) cannot reach d(a, .): the cut batch gives the
     triplet loss of the whole anchor, computed here from separate full-length forwards."""
-    base_cfg, fwd, base, tok, examples = setup
-    model = fwd.model
+    base_cfg, rt, base, tok, examples = setup
+    model = rt.model
     cfg = build_config({"model": "x", "num_layers": 2, "preset": "paper"})
     enc = PairEncoder(tok, cfg)
     long_anchors = [enc.encode_response(e.source, "anchor", e.messages, e.prompt,
@@ -223,7 +221,7 @@ def test_anchor_cut_to_the_pair_keeps_the_triplet_loss(setup):
     assert all(len(a) > e.overlap for a, e in zip(long_anchors, examples))
     batch = collate(examples, 0, long_anchors)
     assert batch.arrays["tokens"].shape == collate(examples, 0, [e.chosen for e in examples]).arrays["tokens"].shape
-    _, aux = batch_objective(fwd, cfg, *fwd.prepare(batch))
+    _, aux = batch_objective(rt, cfg, *rt.layout_batch(batch))
 
     full = collate([dataclasses.replace(e, chosen=a, rejected=a) for e, a in zip(examples, long_anchors)], 0)
     pol_a, _ = _np_logps(model, full)

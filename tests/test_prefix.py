@@ -2,7 +2,8 @@
 
 Losses, metrics, token weights, attribution and LoRA gradients of the same
 pairs are computed from whole rows and from the CPU backend's shared-prefix
-layout of the same rows (``CpuForward(model, shared=True)``) and compared; the whole-row path is itself checked against NumPy in
+layout of the same rows (the CPU runtime ``backend.select`` builds, and its
+``whole_rows()``) and compared; the whole-row path is itself checked against NumPy in
 ``test_objective.py``.
 """
 
@@ -10,23 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from tidpo_mlx.backend.cpu.forward import CpuForward, shared_prefix_active as active
-from tidpo_mlx.backend.cpu.forward import shared_prefix_difference as max_difference
+from tidpo_mlx.backend import select
 from tidpo_mlx.backend.cpu.prefix import shared_layout
+from tidpo_mlx.backend.cpu.runtime import shared_prefix_active as active
+from tidpo_mlx.backend.cpu.runtime import shared_prefix_difference as max_difference
 from tidpo_mlx.batching import collate
-from tidpo_mlx.config import ConfigError, build_config
+from tidpo_mlx.config import ConfigError, Switch, build_config
 from tidpo_mlx.data import PairEncoder
-from tidpo_mlx.forward import make_forward
 from tidpo_mlx.models import attach_lora, load_base
 from tidpo_mlx.objective import batch_objective, token_weights
+from tidpo_mlx.runtime import RowLayout
 
 from test_objective import ROWS, _randomise_lora
 
@@ -40,22 +40,22 @@ MORE = [
 def setup(tiny_model):
     cfg = build_config({"model": str(tiny_model), "num_layers": 2})
     model, tok, _ = load_base(tiny_model)
-    make_forward(model, cfg)
-    attach_lora(model, cfg)
+    reference = attach_lora(model, cfg)
     _randomise_lora(model, seed=3)
+    rt = select(model, cfg, reference=reference)
+    assert rt.facts.layout is RowLayout.SHARED_PREFIX and rt.whole_rows().facts.layout is RowLayout.ROWS
     enc = PairEncoder(tok, cfg)
     examples = [enc.encode_row(i, f"mem:{i}", r) for i, r in enumerate(ROWS + MORE)]
     assert len({len(e.prompt) for e in examples}) > 1
-    return model, examples
+    return rt, examples
 
 
-def _both(model, cfg, examples, anchors):
+def _both(rt, cfg, examples, anchors):
     """(loss, aux, grads) from whole rows and from the shared layout, dropout off."""
     out = []
-    for shared in (False, True):
-        fwd = CpuForward(model, shared)
-        batch, layout = fwd.prepare(collate(examples, 0, anchors))
-        vg = nn.value_and_grad(model, lambda bt: batch_objective(fwd, cfg, bt, layout))
+    for run in (rt.whole_rows(), rt):
+        batch, layout = run.layout_batch(collate(examples, 0, anchors))
+        vg = nn.value_and_grad(rt.model, lambda bt: batch_objective(run, cfg, bt, layout))
         mx.random.seed(5)
         (loss, aux), grads = vg(batch)
         mx.eval(loss, aux, grads)
@@ -76,10 +76,10 @@ CASES = [
 
 @pytest.mark.parametrize("keys,with_anchor", CASES)
 def test_shared_prefix_matches_whole_rows(setup, keys, with_anchor):
-    model, examples = setup
+    rt, examples = setup
     cfg = build_config({"model": "x", "num_layers": 2, **keys})
     anchors = [e.anchor for e in examples] if with_anchor else None
-    (loss_w, aux_w, g_w), (loss_s, aux_s, g_s) = _both(model, cfg, examples, anchors)
+    (loss_w, aux_w, g_w), (loss_s, aux_s, g_s) = _both(rt, cfg, examples, anchors)
     assert float(loss_s) == pytest.approx(float(loss_w), rel=1e-4, abs=1e-6)
     for k in aux_w:
         np.testing.assert_allclose(np.array(aux_s[k]), np.array(aux_w[k]), rtol=1e-4, atol=1e-5, err_msg=k)
@@ -94,23 +94,23 @@ def test_shared_prefix_matches_whole_rows(setup, keys, with_anchor):
 def test_random_weights_draw_per_row_position(setup):
     """weighting: random draws one number per position of a row, so the two layouts draw
     different numbers (same distribution); everything not weighted stays equal."""
-    model, examples = setup
+    rt, examples = setup
     cfg = build_config({"model": "x", "num_layers": 2, "preset": "paper", "weighting": "random"})
-    (_, aux_w, _), (loss_s, aux_s, _) = _both(model, cfg, examples, None)
+    (_, aux_w, _), (loss_s, aux_s, _) = _both(rt, cfg, examples, None)
     assert np.isfinite(float(loss_s))
     for k in ("reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected", "ntoks"):
         np.testing.assert_allclose(np.array(aux_s[k]), np.array(aux_w[k]), rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_attribution_at_the_response_is_that_of_the_whole_sequence(setup):
-    model, examples = setup
+    rt, examples = setup
     cfg = build_config({"model": "x", "num_layers": 2, "preset": "paper"})
     rows = collate(examples, 0)
     n = rows.layout.rows
     got = {}
-    for name, fwd in (("whole", CpuForward(model, False)), ("shared", CpuForward(model, True))):
-        batch, _ = fwd.prepare(rows)
-        out = token_weights(fwd, cfg, batch, fwd.embed(batch), n)
+    for name, run in (("whole", rt.whole_rows()), ("shared", rt)):
+        batch, _ = run.layout_batch(rows)
+        out = token_weights(run, cfg, batch, run.embed(batch), n)
         imp = np.array(out["importance"])
         pos, mask = np.array(batch["resp_pos"]), np.array(batch["resp_mask"])
         got[name] = (np.take_along_axis(imp, pos, axis=1) * mask, np.array(out["weights"]))
@@ -148,19 +148,19 @@ def test_shared_layout_arrays(setup):
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_qwen2"])
 def test_load_checks_the_shared_forward(request, fixture):
     model, _, _ = load_base(request.getfixturevalue(fixture))
-    _, notes = make_forward(model, build_config({"model": "x"}))
-    assert any("shared prefix" in n for n in notes)
-    assert max_difference(model) < 1e-5
+    rt = select(model, build_config({"model": "x"}))
+    assert any("shared prefix" in n for n in rt.notes)
+    assert max_difference(rt) < 1e-5
 
 
 def test_active_only_where_exact(setup):
-    model, _ = setup
+    model = setup[0].model
     paper = build_config({"model": "x", "preset": "paper"})
     official = build_config({"model": "x", "preset": "official"})
     assert active(model, paper)
     assert not active(model, official)
     assert active(model, dataclasses.replace(official, weighting="none"))
-    assert not active(model, dataclasses.replace(paper, grad_checkpoint="true"))
-    assert not active(model, dataclasses.replace(paper, shared_prefix="false"))
+    assert not active(model, dataclasses.replace(paper, grad_checkpoint=Switch.TRUE))
+    assert not active(model, dataclasses.replace(paper, shared_prefix=Switch.FALSE))
     with pytest.raises(ConfigError, match="weight_span: sequence"):
-        active(model, dataclasses.replace(official, shared_prefix="true"))
+        active(model, dataclasses.replace(official, shared_prefix=Switch.TRUE))

@@ -1,4 +1,5 @@
-"""Process-level setup on Linux: OpenBLAS before mlx, glibc malloc tuned, both reported by doctor."""
+"""Process set-up on Linux (``tidpo_mlx.setup()``): OpenBLAS before mlx, glibc malloc tuned, both reported by
+doctor; importing the package alone changes nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU setup")
 
-PROBE = "import tidpo_mlx.backend.cpu.blas as b, tidpo_mlx.backend.cpu.allocator as a; print(b.STATUS.state); print(a.STATUS)"
+STATUS = "import tidpo_mlx.backend.cpu.blas as b, tidpo_mlx.backend.cpu.allocator as a; print(b.STATUS.state); print(a.STATUS)"
+PROBE = f"import tidpo_mlx; tidpo_mlx.setup(); {STATUS}"
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -24,20 +26,30 @@ def test_fresh_process_gets_openblas_and_tuned_malloc():
     assert malloc.startswith("glibc: mmap threshold")
 
 
+def test_importing_the_package_imports_no_mlx_and_tunes_nothing():
+    out = _run(f"import sys, tidpo_mlx; print('mlx.core' in sys.modules); {STATUS}").stdout.split("\n")
+    assert out[:3] == ["False", "not attempted", "not attempted"]
+    out = _run("import sys, tidpo_mlx.cli; print('mlx.core' in sys.modules); import tidpo_mlx.backend.cpu.blas as b; "
+               "print(b.STATUS.state)").stdout.split("\n")
+    assert out[0] == "True" and out[1] in ("openblas", "unusable")  # the command line calls setup() first
+
+
 def test_opt_outs_are_honoured():
     out = _run(PROBE, TIDPO_MLX_NO_OPENBLAS="1", TIDPO_MLX_NO_MALLOPT="1").stdout.split("\n")
     assert out[0] == "disabled" and out[1].startswith("off")
 
 
 def test_mlx_first_warns():
-    res = _run("import mlx.core; import tidpo_mlx.backend.cpu.blas as b; print(b.STATUS.state)")
+    res = _run("import mlx.core; import tidpo_mlx; tidpo_mlx.setup(); import tidpo_mlx.backend.cpu.blas as b; "
+               "print(b.STATUS.state)")
     assert res.stdout.strip() == "too late"
-    assert "Import tidpo_mlx first" in res.stderr
+    assert "Call tidpo_mlx.setup() first" in res.stderr
 
 
 def test_doctor_reports_blas_and_malloc():
     out = subprocess.run([sys.executable, "-m", "tidpo_mlx.cli", "doctor"], capture_output=True, text=True, check=True).stdout
-    assert "blas:" in out and "malloc:     glibc" in out and "GFLOP/s" in out
+    assert "blas:       openblas" in out or "blas:       unusable" in out
+    assert "malloc:     glibc" in out and "GFLOP/s" in out
 
 
 def test_openblas_build_target_is_checked_against_the_cpu():
@@ -54,4 +66,5 @@ def test_openblas_build_target_is_checked_against_the_cpu():
     state = _run(PROBE).stdout.split("\n")[0]
     assert state == ("unusable" if missing else "openblas")
     # the loaded library runs a matmul in this process (no SIGILL)
-    _run("import tidpo_mlx, mlx.core as mx; a = mx.ones((64, 64)); assert (a @ a).sum().item() == 64 ** 3")
+    _run("import tidpo_mlx; tidpo_mlx.setup(); import mlx.core as mx; a = mx.ones((64, 64)); "
+         "assert (a @ a).sum().item() == 64 ** 3")

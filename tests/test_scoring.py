@@ -8,21 +8,19 @@ reference into one graph.
 
 from __future__ import annotations
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from tidpo_mlx.backend.cpu.forward import CpuForward
+from tidpo_mlx.backend import select
 from tidpo_mlx.batching import EVAL_TOKENS, bucket, collate, eval_batches
 from tidpo_mlx.config import build_config
 from tidpo_mlx.data import PairEncoder
 from tidpo_mlx.evaluation import Pairs, evaluate_pairs
-from tidpo_mlx.forward import make_forward
-from tidpo_mlx.models import attach_trainable, eval_mode, load_base, reference_mode
+from tidpo_mlx.models import attach_trainable, eval_mode, load_base
 from tidpo_mlx.objective import batch_logprobs, batch_objective
+from tidpo_mlx.runtime import RowLayout
 from tidpo_mlx.scoring import Scorer
 
 from test_objective import ROWS, _randomise_lora
@@ -45,15 +43,15 @@ def _rows(n: int) -> list[dict]:
     return rows
 
 
-def _plain_sums(fwd, cfg, examples) -> np.ndarray:
+def _plain_sums(rt, cfg, examples) -> np.ndarray:
     """(2 models, 2, pairs): policy and reference sums of each pair alone, uncompiled."""
     out = []
-    with eval_mode(fwd.model):
+    with eval_mode(rt.model):
         for ex in examples:
-            batch, layout = fwd.prepare(collate([ex], 0))
-            logp, _ = batch_logprobs(fwd, batch, fwd.embed(batch), layout, chunk=cfg.logits_chunk)
-            with reference_mode(fwd.model):
-                ref, _ = batch_logprobs(fwd, batch, fwd.embed(batch), layout, chunk=cfg.logits_chunk)
+            batch, layout = rt.layout_batch(collate([ex], 0))
+            logp, _ = batch_logprobs(rt, batch, rt.embed(batch), layout, chunk=cfg.logits_chunk)
+            with rt.reference():
+                ref, _ = batch_logprobs(rt, batch, rt.embed(batch), layout, chunk=cfg.logits_chunk)
             out.append(np.array(mx.stack([logp.sum(-1), ref.sum(-1)]), dtype=np.float64))
     return np.stack(out, axis=-1)
 
@@ -93,17 +91,17 @@ def test_compiled_bucketed_sums_equal_plain_ones(request, fixture, keys):
     path = request.getfixturevalue(fixture)
     cfg = build_config({"model": str(path), "num_layers": 1, **keys})
     model, tok, _ = load_base(path)
-    fwd, _ = make_forward(model, cfg)
-    attach_trainable(model, cfg)
+    rt = select(model, cfg, reference=attach_trainable(model, cfg))
     _randomise_lora(model, seed=4)
     enc = PairEncoder(tok, cfg)
     examples = [enc.encode_row(i, f"mem:{i}", r) for i, r in enumerate(_rows(40))]
-    assert isinstance(fwd, CpuForward) and fwd.shared == ("shared_prefix" not in keys)
-    scorer = Scorer(fwd, cfg, 0)
+    shared = "shared_prefix" not in keys
+    assert rt.facts.backend == "cpu" and rt.facts.layout is (RowLayout.SHARED_PREFIX if shared else RowLayout.ROWS)
+    scorer = Scorer(rt, cfg, 0)
     batches = scorer.batches(examples, 2)
     assert len({(len(b), bucket(max(ex.length for ex in b))) for b in batches}) > 1
     order = [ex.index for b in batches for ex in b]
-    want = _plain_sums(fwd, cfg, examples)[:, :, order]
+    want = _plain_sums(rt, cfg, examples)[:, :, order]
     reference_first = scorer.sums(batches, "reference")
     policy = scorer.sums(batches, "policy")
     both = scorer.sums(batches, "both")
@@ -130,20 +128,19 @@ def test_eval_command_compiled_equals_each_pair_alone(tiny_model, keys):
     """``evaluate_pairs`` (compiled, bucketed, batches of many pairs) == ``batch_objective`` on each pair alone."""
     cfg = build_config({"model": str(tiny_model), "num_layers": 1, "gamma": 0.0, **keys})
     model, tok, _ = load_base(tiny_model)
-    fwd, _ = make_forward(model, cfg)
-    attach_trainable(model, cfg)
+    rt = select(model, cfg, reference=attach_trainable(model, cfg))
     _randomise_lora(model, seed=5)
     enc = PairEncoder(tok, cfg)
     rows = _rows(14)
     examples = [enc.encode_row(i, f"mem:{i}", r) for i, r in enumerate(rows)]
-    records = evaluate_pairs(fwd, tok, cfg, Pairs("mem", rows, examples, enc, []), 3)
+    records = evaluate_pairs(rt, tok, cfg, Pairs("mem", rows, examples, enc, []), 3)
     assert [r["index"] for r in records] == list(range(len(examples)))
     keys_seen = set(records[0]) - {"index"}
     assert {"loss", "reward_chosen", "logp_rejected"} <= keys_seen
     with eval_mode(model):
         for ex, rec in zip(examples, records):
-            batch, layout = fwd.prepare(collate([ex], tok.pad_token_id or 0))
-            _, aux = batch_objective(fwd, cfg, batch, layout)
+            batch, layout = rt.layout_batch(collate([ex], tok.pad_token_id or 0))
+            _, aux = batch_objective(rt, cfg, batch, layout)
             for k in keys_seen:
                 np.testing.assert_allclose(rec[k], float(aux[k][0]), rtol=1e-4, atol=2e-4, err_msg=k)
     assert np.std([r["reward_chosen"] for r in records]) > 1e-3

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import tidpo_mlx  # noqa: F401
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -132,7 +130,7 @@ def test_recipe_errors_name_the_key(tmp_path):
 def test_full_fine_tune_with_rmsprop_keeps_the_original_as_reference(tiny_model, data_dir, tmp_path):
     from mlx_lm import load
 
-    from tidpo_mlx.models import load_adapted, reference_mode
+    from tidpo_mlx.models import load_adapted
 
     out = tmp_path / "full"
     cfg = _cfg(tiny_model, data_dir, out, fine_tune_type="full", optimizer="rmsprop", num_layers=1,
@@ -142,22 +140,46 @@ def test_full_fine_tune_with_rmsprop_keeps_the_original_as_reference(tiny_model,
     assert saved and all(k.startswith("model.layers.1.") for k in saved)
     tokens = mx.array([[1, 5, 9, 30, 31, 2]])
     base, _ = load(str(tiny_model))
-    tuned, _, _ = load_adapted(str(tiny_model), str(out), cfg)
+    tuned, _, _, reference = load_adapted(str(tiny_model), str(out), cfg)
     tuned_logits = np.array(tuned(tokens))
     assert np.abs(tuned_logits - np.array(base(tokens))).max() > 1e-4
-    with reference_mode(tuned):
+    with reference.active():
         np.testing.assert_allclose(np.array(tuned(tokens)), np.array(base(tokens)), atol=1e-5)
     np.testing.assert_array_equal(np.array(tuned(tokens)), tuned_logits)
     via_mlx_lm, _ = load(str(tiny_model), adapter_path=str(out))
     np.testing.assert_allclose(np.array(via_mlx_lm(tokens)), tuned_logits, atol=1e-5)
 
 
+def _summed_logp(model, prompt: list[int], response: list[int]) -> float:
+    """``log p(response | prompt)`` from one plain forward of the whole sequence."""
+    logits = model(mx.array([prompt + response]))[0].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    positions = mx.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return float(logp[positions, mx.array(response)].sum())
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
 def test_other_optimizers_train(tiny_model, data_dir, tmp_path, optimizer):
+    """The held-out rewards the run reports are those of its saved adapters, recomputed with mlx-lm:
+    ``beta * (log pi(y|x) - log ref(y|x))`` per response, accuracy the share of pairs whose chosen reward is higher."""
+    from mlx_lm import load
+
+    from tidpo_mlx.data import load_dataset
+
     cfg = _cfg(tiny_model, data_dir, tmp_path / optimizer, optimizer=optimizer, iters=2, anchor="none")
     result = train(cfg, log=lambda s: None, progress=False)
-    assert result.after["rewards/accuracies"] >= 0.0
-    assert (tmp_path / optimizer / "adapters.safetensors").exists()
+    base, tok = load(str(tiny_model))
+    tuned, _ = load(str(tiny_model), adapter_path=str(result.adapter_path))
+    pairs = load_dataset(str(data_dir), tok, cfg).valid
+    rewards = np.array([[cfg.beta * (_summed_logp(tuned, p.prompt, y) - _summed_logp(base, p.prompt, y))
+                         for y in (p.chosen, p.rejected)] for p in pairs])
+    margins = rewards[:, 0] - rewards[:, 1]
+    assert len(pairs) == 6 and np.abs(margins).max() > 1e-3  # the adapters changed the rewards
+    after = result.after
+    np.testing.assert_allclose([after["rewards/chosen"], after["rewards/rejected"], after["rewards/margins"]],
+                               [rewards[:, 0].mean(), rewards[:, 1].mean(), margins.mean()], rtol=1e-3, atol=1e-5)
+    tie = 1e-5  # a pair this close to a tie may land either way
+    assert (margins > tie).mean() <= after["rewards/accuracies"] <= (margins > -tie).mean()
 
 
 def test_amortised_anchors_sample_once_per_block(tiny_model, data_dir, tmp_path, monkeypatch):

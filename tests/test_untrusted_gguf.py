@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from test_gguf import MIXED, tiny_llama
 from test_gguf_fuzz import ALIGNMENT, Case, case_path, layout, packed, put, run_cases
 from tidpo_mlx.convert import gguf as conv
+from tidpo_mlx.convert.gguf_format import GGML_TYPES
 from tidpo_mlx.convert.cli import convert as convert_cli
 from tidpo_mlx.errors import ConvertError, MissingFileError
 
@@ -51,7 +52,7 @@ def convert_error(path: Path, tmp_path: Path) -> str:
 
 def test_ggml_type_table_matches_gguf_py():
     """Block sizes and bytes per block, by type id, as gguf-py (llama.cpp's own package) has them."""
-    for type_id, ggml_type in conv.GGML_TYPES.items():
+    for type_id, ggml_type in GGML_TYPES.items():
         qtype = gguf.GGMLQuantizationType(type_id)
         assert qtype.name == ggml_type.name
         assert gguf.GGML_QUANT_SIZES[qtype] == (ggml_type.block_size, ggml_type.block_bytes)

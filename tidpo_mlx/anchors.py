@@ -1,17 +1,19 @@
-"""Triplet anchors (SPEC.md section 5): responses sampled from the current policy.
+"""Triplet anchors (docs/method.md section 5): responses sampled from the current policy.
 
 The released code samples a fresh anchor every step with top-k 50, top-p 0.95,
 temperature 0.8 and at most 64 new tokens (``anchor_every: 1``), applied in
 Hugging Face ``generate``'s order: temperature, top-k, top-p. With
 ``anchor_every: K > 1`` (amortised, a documented departure) the anchors of the
 next K steps' pairs are sampled in one batched call from the policy of that
-moment: decoding costs about the same for 2 or 40 prompts on a CPU. Sampling uses mlx-lm's batched
-generation; nothing flows back through it (the tokens are data).
+moment: a decode step of many prompts costs little more than one of a few on a CPU (numbers in
+``benchmarks/RESULTS.md``). Sampling uses mlx-lm's batched generation on the policy module (the runtime's
+``model``: its plain-op attention hands a KV cache to the block's own implementation); nothing flows back
+through it (the tokens are data).
 A sampled anchor is templated like any response: after the same prompt,
 closed by the template, truncated the same way.
 
 Only the first ``max(len(y_w), len(y_l))`` anchor tokens can reach the triplet
-distance (SPEC section 5 sums over the overlap; see ``Example.overlap``), so
+distance (docs/method.md section 5 sums over the overlap; see ``Example.overlap``), so
 decoding of each pair stops :data:`SLACK` tokens past its overlap instead of
 at ``anchor_max_tokens`` (whichever comes first). Each pair's token t is drawn with its own
 key ``(seed, t)``, so the kept tokens are the ones the full-length sample would
@@ -26,8 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 
+from tidpo_mlx import memory_guard
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example, PairEncoder
+from tidpo_mlx.interrupts import check
 from tidpo_mlx.models import eval_mode
 from tidpo_mlx.seeds import anchor_seed, derive_seed
 
@@ -106,6 +110,8 @@ def sample_anchors(
     Sampling is batched (mlx-lm's BatchGenerator) with one keyed sampler per
     pair, seeded by :func:`anchor_seed`. The model is put in eval mode (no
     dropout) with its adapters on, i.e. the current policy, and restored.
+    A Ctrl-C or SIGTERM stops decoding at the next token (``interrupts.check``);
+    afterwards the buffer cache is bounded (``clear_cache_threshold``).
     """
     anchors = data_anchors(examples, cfg)
     todo = [i for i, a in enumerate(anchors) if a is None]
@@ -129,8 +135,10 @@ def sample_anchors(
                 for r in responses:
                     if r.finish_reason != "stop":
                         tokens[r.uid].append(r.token)
+                check()
         finally:
             gen.close()
+    memory_guard.after_step(cfg.clear_cache_threshold)
     for i, uid in zip(todo, uids):
         ex = examples[i]
         text = tokenizer.decode(tokens[uid])

@@ -8,7 +8,7 @@ the fold's own pairs are then scored by that model from summed log-probs
 (``scoring.Scorer``, policy and reference in one compiled pass):
 
 - ``reward_margin``: the implicit reward margin ``beta * (sum rho_w - sum rho_l)``
-  (TRL's ``rewards/chosen - rewards/rejected``, SPEC section 10);
+  (TRL's ``rewards/chosen - rewards/rejected``, docs/method.md section 10);
 - ``logp_margin``: the policy's log-prob margin ``log pi(y_w|x) - log pi(y_l|x)``;
 - ``ref_margin``: the reference's log-prob margin ``log ref(y_w|x) - log ref(y_l|x)``,
   the free score (``folds=0`` computes only this, with no training; its
@@ -35,14 +35,17 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from tidpo_mlx.config import PRESETS, Config
-from tidpo_mlx.data import Example, PairEncoder, encode_checked, hf_dataset_keys, parse_row
+from tidpo_mlx.config import PRESETS, Config, Switch
+from tidpo_mlx.data.encoder import PairEncoder
+from tidpo_mlx.data.example import Example, prompt_key
+from tidpo_mlx.data.formats import parse_row
+from tidpo_mlx.data.load import load_split
 from tidpo_mlx.errors import ConfigError, DataError, MissingFileError
 from tidpo_mlx.files import atomic_write_text, write_jsonl
-from tidpo_mlx.sources import Rows, Source, read_jsonl, resolve_source
+from tidpo_mlx.sources import Source, SplitRows, read_jsonl, resolve_source
 
 if TYPE_CHECKING:
-    from tidpo_mlx.forward import Forward
+    from tidpo_mlx.runtime import Runtime
     from tidpo_mlx.scoring import Scorer
 
 SCORES = ("reward_margin", "logp_margin", "ref_margin")
@@ -86,24 +89,18 @@ class AuditResult:
 
 
 def read_pairs(data: str, tokenizer: Any, cfg: Config) -> tuple[Source, list[AuditPair], list[str]]:
-    """The training split of ``data`` encoded as training encodes it (invalid rows: as in training)."""
-    source = resolve_source(data, hf_dataset_keys(cfg))
-    if "train" not in source.splits:
-        raise DataError(f"{source.name}: no training split to audit")
-    train = source.splits["train"]
-    encoded, notes = encode_checked(PairEncoder(tokenizer, cfg), {"train": train}, cfg)
-    rows = dict(train.rows)
-    pairs = [AuditPair(i, ex.source, rows[ex.source], ex) for i, ex in enumerate(encoded["train"])]
-    for p in pairs:
-        p.example.index = p.index
-    return source, pairs, notes
+    """Every pair of the training split of ``data``, loaded as training loads them
+    (:func:`~tidpo_mlx.data.load.load_split`; invalid rows: as in training)."""
+    split = load_split(data, tokenizer, cfg, "train")
+    pairs = [AuditPair(ex.index, ex.source, row, ex) for ex, row in zip(split.examples, split.rows)]
+    return split.source, pairs, split.notes
 
 
 def group_keys(ex: Example) -> tuple[str, str]:
-    """What ties pairs into one fold: the prompt as encoded, and the unordered pair of response texts."""
-    prompt = json.dumps(ex.messages, sort_keys=True)
+    """What ties pairs into one fold: the prompt key (the prompt as encoded), and the unordered pair of
+    response texts."""
     responses = json.dumps(sorted([ex.texts["chosen"], ex.texts["rejected"]]))
-    return "prompt\0" + prompt, "responses\0" + responses
+    return "prompt\0" + prompt_key(ex), "responses\0" + responses
 
 
 def assign_folds(examples: Sequence[Example], folds: int, seed: int) -> list[int]:
@@ -213,7 +210,7 @@ def add_evidence(scorer: Scorer, tokenizer: Any, cfg: Config, pairs: Sequence[Au
         return
     wcfg = paper_weights_config(cfg)
     held = Pairs("audit", [p.row for p in pairs], [p.example for p in pairs], PairEncoder(tokenizer, wcfg), [])
-    records = {r["index"]: r for r in importance_records(scorer.fwd, tokenizer, wcfg, held, batch_size)}
+    records = {r["index"]: r for r in importance_records(scorer.rt, tokenizer, wcfg, held, batch_size)}
     rhos = token_log_ratios(scorer, [p.example for p in pairs], batch_size)
     for p in pairs:
         rec = records[p.index]
@@ -230,18 +227,16 @@ def rank_pairs(pairs: Sequence[AuditPair], score: str) -> None:
         p.rank = rank
 
 
-def load_scoring_model(cfg: Config, attach: bool) -> tuple[Forward, Any]:
-    """The base model (with empty LoRA layers when ``attach``) and its tokenizer, for scoring."""
-    from tidpo_mlx.forward import make_forward
-    from tidpo_mlx.models import attach_trainable, load_base, resolve_model
+def load_scoring_model(cfg: Config, attach: bool) -> tuple[Runtime, Any]:
+    """The base model's runtime (with empty LoRA layers when ``attach``, its reference the base) and its tokenizer,
+    for scoring."""
+    from tidpo_mlx.backend import select
+    from tidpo_mlx.models import Reference, attach_trainable, load_base, resolve_model
 
     path = resolve_model(cfg.model)
-    dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
-    model, tokenizer, _ = load_base(path, dequantize)
-    if attach:
-        attach_trainable(model, cfg)
-    fwd, _ = make_forward(model, cfg, str(path))
-    return fwd, tokenizer
+    model, tokenizer, _ = load_base(path, Switch.TRUE if cfg.fine_tune_type == "full" else cfg.dequantize)
+    reference = attach_trainable(model, cfg) if attach else Reference(model)
+    return select(model, cfg, str(path), reference), tokenizer
 
 
 def run_audit(
@@ -297,12 +292,12 @@ def run_audit(
         seconds[f"train_fold_{k}"] = time.perf_counter() - t
         log(f"  fold {k}: trained on {sum(p.fold != k for p in pairs)} pairs in {seconds[f'train_fold_{k}']:.0f} s")
     t = time.perf_counter()
-    fwd, tokenizer = load_scoring_model(cfg, attach=bool(folds))
-    scorer = Scorer(fwd, cfg, pad_id_of(tokenizer))
+    rt, tokenizer = load_scoring_model(cfg, attach=bool(folds))
+    scorer = Scorer(rt, cfg, pad_id_of(tokenizer))
     bar = tqdm(total=len(pairs), desc="score", unit="pair", dynamic_ncols=True) if progress else None
     for k in range(max(folds, 1)):
         if folds:
-            load_adapter_weights(fwd.model, trained[k])
+            load_adapter_weights(rt.model, trained[k])
         score_pairs(scorer, cfg, [p for p in pairs if p.fold == (k if folds else -1)], batch, bar)
     if bar is not None:
         bar.close()
@@ -314,7 +309,7 @@ def run_audit(
     for k in range(max(folds, 1)):
         mine = [p for p in suspects if p.fold == (k if folds else -1)]
         if folds and mine:
-            load_adapter_weights(fwd.model, trained[k])
+            load_adapter_weights(rt.model, trained[k])
         add_evidence(scorer, tokenizer, cfg, mine, cfg.batch_size)
     seconds["evidence"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - tic
@@ -367,52 +362,30 @@ def _diff_chips(resp: dict[str, Any]) -> str:
 
 
 def html_report(result: AuditResult, title: str, label: str) -> str:
-    """A self-contained page: the most suspect pairs, chosen and rejected token heat maps side by side
-    (``view``'s colours: the paper preset's token weights), the differing tokens with their log-ratios."""
+    """A self-contained page (``view.page``): the most suspect pairs, chosen and rejected token heat maps
+    side by side (``view``'s colours: the paper preset's token weights), the differing tokens with their
+    log-ratios."""
     import html
 
-    from tidpo_mlx.view import _html_tokens, _rgb
+    from tidpo_mlx.view import SCALE_BAR, page, pair_section, response_column
 
     sections = []
     for p in result.ranked():
         if p.evidence is None:
             continue
         scores = ", ".join(f"{k} {v:+.4f}" for k, v in p.scores.items())
-        cols = "".join(
-            f'<div><h3>{key} <small>{len(p.evidence[key]["tokens"])} tokens</small></h3>'
-            f'<p class="tokens">{_html_tokens(p.evidence[key], False)}</p>'
-            f'<p>differing tokens: {_diff_chips(p.evidence[key])}</p></div>'
-            for key in ("chosen", "rejected")
-        )
-        sections.append(
-            f'<section><h2>rank {p.rank} <small>{html.escape(p.source)}, fold {p.fold}; {scores}</small></h2>'
-            f'<p class="prompt">{html.escape(p.evidence["prompt"])}</p><div class="cols">{cols}</div></section>'
-        )
-    bar = ", ".join(_rgb(i / 10) for i in range(11))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 90em; }}
-.note {{ background: #f6f6f6; padding: .6em 1em; border-radius: 6px; }}
-.bar {{ display: inline-block; width: 14em; height: 1em; vertical-align: middle; background: linear-gradient(to right, {bar}); }}
-section {{ border-top: 1px solid #ddd; margin-top: 1em; }}
-.cols {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1.5em; }}
-.prompt {{ color: #555; white-space: pre-wrap; }}
-.tokens {{ font-family: ui-monospace, monospace; line-height: 1.9; white-space: pre-wrap; }}
-.t:hover {{ outline: 2px solid #333; }}
-.tpl {{ font-style: italic; }}
-.chip {{ font-family: ui-monospace, monospace; padding: 1px 4px; border-radius: 3px; }}
-small {{ font-weight: normal; color: #666; }}
-</style></head><body>
-<h1>{html.escape(title)}</h1>
-<div class="note"><p>{html.escape(label)}</p>
-<p>Ranked by <b>{html.escape(result.score)}</b>, lowest first: each pair scored by a model that never trained on it
-(fold = the part of the data it was held out in). Token colour: the paper preset's token weight, per response from
-lowest to highest (square-root scale): low <span class="bar"></span> high; hover for the numbers. Differing tokens
-(outside the common prefix and suffix of chosen and rejected) with rho = log pi - log ref: green &gt; 0, red &lt; 0.</p></div>
-{"".join(sections)}
-</body></html>
-"""
+        columns = [response_column(key, f"{len(p.evidence[key]['tokens'])} tokens", p.evidence[key],
+                                   extra=f"<p>differing tokens: {_diff_chips(p.evidence[key])}</p>")
+                   for key in ("chosen", "rejected")]
+        sections.append(pair_section(f"rank {p.rank}", f"{p.source}, fold {p.fold}; {scores}",
+                                     p.evidence["prompt"], columns))
+    legend = (f"<p>{html.escape(label)}</p>\n"
+              f"<p>Ranked by <b>{html.escape(result.score)}</b>, lowest first: each pair scored by a model that never "
+              "trained on it\n(fold = the part of the data it was held out in). Token colour: the paper preset's "
+              "token weight, per response from\nlowest to highest (square-root scale): "
+              f"low {SCALE_BAR} high; hover for the numbers. Differing tokens\n(outside the common prefix and suffix "
+              "of chosen and rejected) with rho = log pi - log ref: green &gt; 0, red &lt; 0.</p>")
+    return page(title, legend, sections)
 
 
 def write_reports(result: AuditResult, out: Path, label: str) -> None:
@@ -537,7 +510,7 @@ def write_cleaned(audit_dir: Path, target: Path, action: Action, share: float | 
     return {"train_pairs": len(train), "changed": len(changes)}
 
 
-def _rows(rows: Rows) -> list[tuple[str, dict[str, Any]]]:
+def _rows(rows: SplitRows) -> list[tuple[str, dict[str, Any]]]:
     if rows.problems:
         raise DataError(f"{rows.problems[0].where}: {rows.problems[0].reason}")
     return list(rows.rows)

@@ -14,13 +14,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tidpo_mlx.data import Example
+from tidpo_mlx.data.example import Example
 from tidpo_mlx.errors import DataError
 
 PAD_MULTIPLE = 8
 """Lengths are rounded up to this, so compiled steps see few distinct shapes.
 
-Each new shape costs a trace of the whole model (~1 s) while padding stays a
+Each new shape costs a trace of the whole model while padding stays a
 few tokens (on the bundled data, rounding to 32 padded two thirds of the
 batches from at most 75 to 96 positions).
 """

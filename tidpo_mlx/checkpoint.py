@@ -7,11 +7,15 @@ leaves either the complete folder or none, and the previous one intact.
 
 A folder holds one run: a new run into a folder that holds another run's
 adapters or checkpoints is refused, written to a fresh sibling, or starts
-after moving (or removing) the earlier run, as ``existing`` says. A resume
+after moving (or removing) the earlier run, as ``existing`` says. A running
+run holds an ``fcntl`` lock on its folder (:func:`claim_output`), so a
+second run into it is refused and two bare runs started at once get
+different folders; the kernel frees a killed run's lock. A resume
 continues only the run that wrote the checkpoint: the fingerprint (every
-config key that defines the run, with the training pairs' content hash)
-must match unless forced. Under ``mlx.launch`` rank 0 reads the files and
-broadcasts.
+config key that defines the run, with the content hashes of the training
+pairs and of the held-out split) must match unless forced, and a changed
+hash names the data files that changed. Under ``mlx.launch`` rank 0 reads
+the files and broadcasts.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tidpo_mlx.config import Config
 from tidpo_mlx.data import Example
 from tidpo_mlx.errors import ModelError, TrainingError, first_line
-from tidpo_mlx.files import WriteError, atomic_save_safetensors, atomic_write_text, fsync_dir
+from tidpo_mlx.files import (
+    FileLock, WriteError, atomic_save_safetensors, atomic_write_text, fsync_dir, no_space, space_note,
+)
 from tidpo_mlx.models import load_adapter_weights, save_adapters
 
 CHECKPOINTS = "checkpoints"
@@ -45,12 +51,19 @@ on), fresh (write to ``<folder>-2``, ``-3``, ...), move (the earlier run to ``<f
 first) or remove (it first)."""
 
 OPERATIONAL = (
-    "adapter_path", "grad_checkpoint", "steps_per_report", "steps_per_eval", "val_batches", "steps_per_save",
+    "adapter_path", "grad_checkpoint", "steps_per_eval", "val_batches", "steps_per_save",
     "save_total_limit", "dequantize", "plain_attention", "shared_prefix", "logits_chunk",
     # the data keys change a run only through its training pairs, which ``train_pairs`` hashes
     "data", "hf_dataset", "skip_invalid", "valid_fraction", "dataset_num_proc",
+    "clear_cache_threshold", "report_to", "project_name",
+    # a label: the keys a preset sets are fingerprinted themselves
+    "preset",
 )
 """Config keys left out of a run's fingerprint: where and how it runs, not what it computes."""
+
+FILES = {"train_pairs": "train_files", "valid_pairs": "valid_files"}
+"""Fingerprint hashes and the per-file hashes beside them, which name the files behind a changed hash
+(recorded, not compared: a moved data folder with the same pairs still resumes)."""
 
 DECAYING = ("cosine", "linear")
 """Learning-rate schedules that decay to 0 at ``iters`` (so changing ``iters`` changes every later rate)."""
@@ -79,6 +92,66 @@ def _unused(path: Path) -> Path:
     while candidate.exists():
         candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
     return candidate
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of an output folder: ``.<name>.lock`` beside it, so it stays put when ``--overwrite``
+    moves the folder (a finished run removes it; a killed run's stays, unlocked)."""
+    return folder.with_name(f".{folder.name}.lock")
+
+
+def _take(folder: Path) -> FileLock | None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock.take(lock_path(folder))
+
+
+def _in_use(folder: Path) -> TrainingError:
+    return TrainingError(
+        f"{folder} is in use by another run ({FileLock.holder(lock_path(folder))}): wait for it to finish or stop "
+        "it, or choose another --adapter-path"
+    )
+
+
+def _refusal(folder: Path) -> TrainingError:
+    found = checkpoint_dirs(folder)
+    what = f"checkpoints up to {found[-1].name}" if found else "adapters"
+    return TrainingError(
+        f"{folder} holds another run ({what}): continue it with --resume, or pass --overwrite to move it to "
+        f"{folder}.old-<time> first, or choose another --adapter-path"
+    )
+
+
+def claim_output(folder: Path, existing: Existing, resuming: bool) -> tuple[Path, FileLock, str | None]:
+    """The folder this run writes to, locked for the run's life, and a note for the log when it is not ``folder``.
+
+    Resuming, or with ``existing`` move or remove, the run takes ``folder``
+    itself; with refuse a folder that holds another run is refused; with
+    fresh the first of ``folder``, ``<folder>-2``, ... that holds no run and
+    no other run has locked is locked and taken, so two runs started at once
+    never share one. A folder another run has locked is refused (resume,
+    refuse, move, remove) naming its process. The caller releases the lock
+    when the run ends; a killed run's lock frees itself.
+    """
+    if existing == "fresh" and not resuming:
+        candidate, n = folder, 2
+        while True:
+            if not holds_run(candidate) and (lock := _take(candidate)) is not None:
+                if not holds_run(candidate):
+                    break
+                lock.release()
+            candidate, n = folder.with_name(f"{folder.name}-{n}"), n + 1
+        if candidate == folder:
+            return folder, lock, None
+        why = ("holds an earlier run" if holds_run(folder)
+               else f"is in use by another run ({FileLock.holder(lock_path(folder))})")
+        return candidate, lock, f"{folder} {why}; this run writes to {candidate}"
+    lock = _take(folder)
+    if lock is None:
+        raise _in_use(folder)
+    if existing == "refuse" and not resuming and holds_run(folder):
+        lock.release()
+        raise _refusal(folder)
+    return folder, lock, None
 
 
 def output_folder(folder: Path, existing: Existing) -> Path:
@@ -120,16 +193,30 @@ def clear_earlier_run(folder: Path, existing: Existing) -> str | None:
 
 
 def train_pairs_digest(examples: Sequence[Example]) -> str:
-    """SHA-256 of the training pairs as tokenised (prompt, chosen, rejected, anchor ids), in file order."""
+    """SHA-256 of pairs as tokenised (prompt, chosen, rejected, anchor ids), in file order."""
     h = hashlib.sha256()
     for e in examples:
         h.update(json.dumps([e.prompt, e.chosen, e.rejected, e.anchor]).encode())
     return h.hexdigest()
 
 
-def fingerprint(cfg: Config, examples: Sequence[Example]) -> dict[str, Any]:
+def source_file(example: Example) -> str:
+    """The file (or split) a pair was read from: its ``source`` without the ``:line``."""
+    return example.source.rsplit(":", 1)[0]
+
+
+def files_digests(examples: Sequence[Example]) -> dict[str, str]:
+    """:func:`train_pairs_digest` of each source file's pairs, by file."""
+    by_file: dict[str, list[Example]] = {}
+    for e in examples:
+        by_file.setdefault(source_file(e), []).append(e)
+    return {name: train_pairs_digest(group) for name, group in by_file.items()}
+
+
+def fingerprint(cfg: Config, train: Sequence[Example], valid: Sequence[Example]) -> dict[str, Any]:
     """The keys that define a run: every config key but :data:`OPERATIONAL` ones (``lora_parameters.*``
-    flattened), plus ``train_pairs``, the content hash of the tokenised training pairs."""
+    flattened), plus ``train_pairs`` and ``valid_pairs``, the content hashes of the tokenised training pairs
+    and held-out split, with their per-file hashes (:data:`FILES`)."""
     keys: dict[str, Any] = {}
     for key, value in cfg.to_dict().items():
         if key in OPERATIONAL:
@@ -138,8 +225,21 @@ def fingerprint(cfg: Config, examples: Sequence[Example]) -> dict[str, Any]:
             keys.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             keys[key] = value
-    keys["train_pairs"] = train_pairs_digest(examples)
+    for (digest, files), examples in zip(FILES.items(), (train, valid)):
+        keys[digest] = train_pairs_digest(examples)
+        keys[files] = files_digests(examples)
     return json.loads(json.dumps(keys))
+
+
+def _changed_files(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What a changed ``train_pairs``/``valid_pairs`` means, naming the files whose pairs changed."""
+    split = "training pairs" if key == "train_pairs" else "held-out pairs"
+    before, now = old.get(FILES[key]), new[FILES[key]]
+    if not isinstance(before, dict):
+        return f"the {split} of {', '.join(now) or 'no file'} differ from the checkpoint's"
+    changed = [f"{f} (edited)" if f in before else f"{f} (new)" for f in now if before.get(f) != now[f]]
+    changed += [f"{f} (gone)" for f in before if f not in now]
+    return f"the {split} differ from the checkpoint's: {', '.join(changed) or 'their order'}"
 
 
 @dataclass
@@ -218,13 +318,15 @@ def check_resume(ckpt: Checkpoint, current: dict[str, Any], force: bool, log: Ca
     if ckpt.run is None:
         log(f"note: {ckpt.path} records no fingerprint (written by an older version); settings not checked")
         return
-    differ = {k: (ckpt.run[k], current[k]) for k in ckpt.run if k in current and ckpt.run[k] != current[k]}
+    compared = [k for k in ckpt.run if k in current and k not in FILES.values()]
+    differ = {k: (ckpt.run[k], current[k]) for k in compared if ckpt.run[k] != current[k]}
     if "iters" in differ and current["lr_schedule"] not in DECAYING and "lr_schedule" not in differ:
         old, new = differ.pop("iters")
         log(f"resume: iters {old} -> {new} (constant schedule: the rate is unchanged)")
     if not differ:
         return
-    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
+    listed = ", ".join(_changed_files(k, ckpt.run, current) if k in FILES else f"{k} {a!r} -> {b!r}"
+                       for k, (a, b) in sorted(differ.items()))
     if "iters" in differ:
         listed += f" (lr_schedule {current['lr_schedule']} decays to 0 at iters: every later rate changes)"
     if not force:
@@ -253,9 +355,12 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: optim.Optimizer
     """Adapters, optimizer state, step and fingerprint: written to a temp folder, fsynced, renamed into place.
 
     A failed write (disk full, permissions) removes the temp folder, keeps
-    every complete checkpoint and raises a :class:`WriteError` naming the path.
+    every complete checkpoint and raises a :class:`WriteError` naming the
+    path; on a full disk it says how much the checkpoint needs and how much
+    is free.
     """
     root = out / CHECKPOINTS
+    needed = checkpoint_bytes(model, opt)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     replaced = root / f".step-{step:06d}.replaced"
@@ -277,14 +382,27 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: optim.Optimizer
         if replaced.exists() and not final.exists():
             replaced.rename(final)
         last = checkpoint_dirs(out)
-        detail = first_line(err) if isinstance(err, WriteError) else f"{getattr(err, 'filename', None) or tmp}: {first_line(err)}"
+        where = (err.path if isinstance(err, WriteError) else getattr(err, "filename", None)) or tmp
+        full = no_space(err, root if root.is_dir() else out.parent, needed)
+        if full:
+            detail = f"{where}: {space_note(root if root.is_dir() else out.parent, needed, 'the checkpoint')}"
+        else:
+            detail = first_line(err) if isinstance(err, WriteError) else f"{where}: {first_line(err)}"
+        then = "; make room, then continue with --resume" if full and last else ""
         raise WriteError(
-            f"checkpoint {final} not written ({detail}); last good checkpoint: {last[-1] if last else 'none'}"
+            f"checkpoint {final} not written ({detail}); last good checkpoint: {last[-1] if last else 'none'}{then}",
+            full, final,
         ) from None
     shutil.rmtree(replaced, ignore_errors=True)
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def checkpoint_bytes(model: nn.Module, opt: optim.Optimizer) -> int:
+    """About what a checkpoint takes on disk: the trainable weights, the optimizer state and a little JSON."""
+    arrays = tree_flatten(model.trainable_parameters()) + tree_flatten(opt.state)
+    return sum(v.nbytes for _, v in arrays if isinstance(v, mx.array)) + 16_384
 
 
 def restore_checkpoint(ckpt: Checkpoint | None, model: nn.Module, opt: optim.Optimizer, world: Any) -> int:

@@ -1,7 +1,8 @@
 """Command line: ``tidpo-mlx train | doctor | convert``.
 
 Every config key is a flag of ``train`` (generated from the Config dataclass
-in ``options.py``, so ``--help`` lists each with its default). User errors
+in ``options.py``, so ``--help`` lists each with its default, which is what a
+bare ``tidpo-mlx train`` runs). User errors
 print one line and exit 1; ``--debug`` shows the traceback instead.
 """
 
@@ -12,15 +13,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import tidpo_mlx  # noqa: F401  (fast BLAS before mlx)
+import tidpo_mlx
 
-import click
-import yaml
+tidpo_mlx.setup()  # before anything imports mlx: the fast BLAS takes effect only then
 
-from tidpo_mlx.commands import eval_command, experiment_command, importance_command
-from tidpo_mlx.convert.cli import convert as convert_group
-from tidpo_mlx.errors import ConfigError
-from tidpo_mlx.options import config_options, run_guarded
+import click  # noqa: E402
+import yaml  # noqa: E402
+
+from tidpo_mlx.commands import eval_command, experiment_command, importance_command  # noqa: E402
+from tidpo_mlx.convert.cli import convert as convert_group  # noqa: E402
+from tidpo_mlx.errors import ConfigError  # noqa: E402
+from tidpo_mlx.options import config_options, run_guarded, shown  # noqa: E402
 
 
 @click.group()
@@ -30,7 +33,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "recipe", default=None, help="Recipe YAML (path or bundled name). [default: quickstart]")
+@click.option("-c", "--config", "recipe", default=None,
+              help="Recipe YAML (a path, or bundled: quickstart, paper, official, dpo) laid over the defaults below; "
+                   "without it the defaults run (they are the quickstart).")
 @click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[CHECKPOINT]",
               help="Continue the run in --adapter-path from its newest checkpoint, or the one named (step-000040).")
 @click.option("--overwrite", is_flag=True,
@@ -41,7 +46,8 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--export-peft", default=None, help="Also write the adapters as a PEFT folder here at the end.")
 @click.option("--dry-run", is_flag=True,
-              help="Check the config and report on the data as `tidpo-mlx data check` does (tokenizer only), then stop.")
+              help="Print the resolved values that differ from the defaults (and where each came from), report on the "
+                   "data as `tidpo-mlx data check` does (tokenizer only), then stop.")
 @config_options()
 def train(recipe: str | None, resume: str | None, overwrite: bool, force: bool, verbose: bool, debug: bool, quiet: bool,
           export_peft: str | None, dry_run: bool, **overrides: Any) -> None:
@@ -52,11 +58,13 @@ def train(recipe: str | None, resume: str | None, overwrite: bool, force: bool, 
     (adapters-2, ...). Ctrl-C or SIGTERM checkpoints the current step and
     prints the command that resumes it.
     """
-    from tidpo_mlx.config import Config, load_config
-    from tidpo_mlx.trainer import Interrupted, train as run_train
+    from tidpo_mlx.config import Config, resolve_config
+    from tidpo_mlx.interrupts import Interrupted
+    from tidpo_mlx.trainer import train as run_train
 
     def job() -> None:
-        cfg = load_config(recipe, overrides)
+        resolved = resolve_config(recipe, overrides)
+        cfg = resolved.config
         if export_peft and cfg.fine_tune_type != "lora":
             raise ConfigError("--export-peft needs fine_tune_type lora")
         if resume is not None and overwrite:
@@ -65,12 +73,18 @@ def train(recipe: str | None, resume: str | None, overwrite: bool, force: bool, 
             raise ConfigError("--force goes with --resume")
         named = overrides.get("adapter_path") is not None or cfg.adapter_path != Config.adapter_path
         existing = "move" if overwrite else "refuse" if named else "fresh"
-        click.echo(f"recipe: {recipe or 'quickstart'}")
+        click.echo(f"recipe: {recipe or 'none (the defaults)'}")
         if verbose:
             click.echo("resolved config:")
             click.echo("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=200).strip().replace("\n", "\n  "))
         if dry_run:
             from tidpo_mlx.data_check import check_data
+
+            changed = resolved.changed()
+            click.echo("resolved config: " + ("the values that differ from the defaults (tidpo-mlx train --help):"
+                                              if changed else "the defaults (tidpo-mlx train --help)"))
+            for key, (value, origin) in changed.items():
+                click.echo(f"  {key}: {shown(value)}  ({origin})")
 
             check_data(cfg)
             click.echo("dry run: no weights loaded, nothing written")
@@ -78,8 +92,11 @@ def train(recipe: str | None, resume: str | None, overwrite: bool, force: bool, 
         try:
             result = run_train(cfg, resume=resume, log=click.echo, progress=not quiet, existing=existing, force=force)
         except Interrupted as stop:
-            click.echo(f"{stop.summary}; continue with:", err=True)
-            click.echo(f"  {resume_command(recipe, overrides, stop.folder, stop.checkpoint.name)}", err=True)
+            if stop.checkpoint is None:
+                click.echo(f"{stop.summary}: run the same command again to start anew", err=True)
+            else:
+                click.echo(f"{stop.summary}; continue with:", err=True)
+                click.echo(f"  {resume_command(recipe, overrides, stop.folder, stop.checkpoint.name)}", err=True)
             sys.exit(stop.exit_code)
         click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapters in {result.adapter_path}")
         if result.before:

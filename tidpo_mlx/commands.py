@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from tidpo_mlx import experiment as ex
+from tidpo_mlx.errors import ConfigError
 from tidpo_mlx.files import write_jsonl
 from tidpo_mlx.options import METHOD_KEYS, config_options, run_guarded
 
@@ -32,14 +33,14 @@ def _common(func: Callable) -> Callable:
 
 
 def _load(recipe: str | None, model: str | None, adapter_path: str | None, overrides: dict[str, Any]):
+    """The config, the runtime of the model with the adapters of ``adapter_path``, its tokenizer and folder."""
+    from tidpo_mlx.backend import select
     from tidpo_mlx.config import load_config
-    from tidpo_mlx.forward import make_forward
     from tidpo_mlx.models import load_adapted
 
     cfg = load_config(recipe, {**overrides, "model": model})
-    model_obj, tokenizer, path = load_adapted(cfg.model, adapter_path, cfg)
-    fwd, _ = make_forward(model_obj, cfg, str(path))
-    return cfg, fwd, tokenizer, path
+    model_obj, tokenizer, path, reference = load_adapted(cfg.model, adapter_path, cfg)
+    return cfg, select(model_obj, cfg, str(path), reference), tokenizer, path
 
 
 def _bar(total: int, enabled: bool):
@@ -50,13 +51,34 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, unit="pair", dynamic_ncols=True, leave=False)
 
 
+GENERATION_FLAGS = ("num_samples", "temperature", "top_p", "max_tokens", "html_path", "answer_pattern", "no_base")
+"""``eval`` flags that only ``--generate`` reads."""
+
+
 @click.command()
 @_common
-@click.option("-o", "--output", default=None, help="Write one JSON object per pair here ('-': stdout, the summary then goes to stderr).")
+@click.option("-o", "--output", default=None, help="Write one JSON object per pair here ('-': stdout, the summary then goes to stderr). "
+              "With --generate: rows are appended as batches finish, and a rerun continues the file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default=None,
+              help="Split of a data folder or bundled dataset. [default: a file's every pair, else valid]")
+@click.option("--limit", type=int, default=None, help="First N pairs (-1: all). [default: all]")
+@click.option("--generate", is_flag=True, help="Generate answers to the pairs' prompts with the base model and with "
+              "the adapters, and score them (docs/generation.md) instead of the loss. --batch-size: pairs per "
+              "generation batch [default: 64].")
+@click.option("--num-samples", type=int, default=None, help="--generate: samples per prompt and arm. [default: 1]")
+@click.option("--temperature", type=float, default=None, help="--generate: sampling temperature (0: greedy). [default: 0]")
+@click.option("--top-p", type=float, default=None, help="--generate: top-p of sampling. [default: 1.0]")
+@click.option("--max-tokens", type=int, default=None, help="--generate: new tokens per generation at most. [default: 64]")
+@click.option("--html", "html_path", default=None, help="--generate: write a side-by-side HTML page here.")
+@click.option("--answer-pattern", default=None, metavar="REGEX",
+              help="--generate: the answer is the first group of the pattern's last match (e.g. '#### (-?[\\d,.]+)'); "
+                   "'none': no answer scores. [default: the last time, date, weekday or number]")
+@click.option("--no-base", is_flag=True, help="--generate with --adapter-path: generate only with the adapters.")
 @config_options(METHOD_KEYS)
-def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, quiet, **overrides) -> None:
-    """Per-pair loss of a recipe on a data file, without training.
+def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, quiet, split, limit, generate,
+                 num_samples, temperature, top_p, max_tokens, html_path, answer_pattern, no_base, **overrides) -> None:
+    """Per-pair loss of a recipe on a data file, without training; or, with --generate, the answers.
 
     Runs the recipe's objective (the function training differentiates) on
     every pair with the model in eval mode. Per pair: index, loss, loss_pref,
@@ -64,13 +86,37 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
     weighted_margin (m_w - m_l), logp_chosen, logp_rejected, and kl_chosen,
     kl_rejected for tdpo losses. Triplet anchors: the pair's 'anchor' field
     (ignored with anchor: policy), else sampled from the policy, seeded from the pair index.
+
+    --generate: the pairs' prompts answered by the base model and by the
+    adapters (one model, adapters switched off for the base), batched and
+    seeded (--seed); answer accuracy, length and diversity per arm with
+    standard errors and the paired difference tuned - base. The weights are
+    the ones the printed mlx_lm.generate command loads (--dequantize true:
+    dequantized, faster on a CPU).
     """
+    flags = {"num_samples": num_samples, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+             "html_path": html_path, "answer_pattern": answer_pattern, "no_base": no_base or None}
+    if generate:
+        run_guarded(debug, lambda: _generate(recipe, model, adapter_path, data, split, limit, batch_size, output,
+                                              quiet, flags, overrides))
+        return
+
     def job() -> None:
         from tidpo_mlx.anchors import anchor_origins
-        from tidpo_mlx.evaluation import evaluate_pairs, load_pairs, summarize
+        from tidpo_mlx.evaluation import Pairs, evaluate_pairs, load_pairs, summarize
 
+        misplaced = [name for name in GENERATION_FLAGS if flags[name] is not None]
+        if misplaced:
+            raise ConfigError(f"--{'html' if misplaced[0] == 'html_path' else misplaced[0].replace('_', '-')} "
+                              "goes with --generate")
         cfg, fwd, tok, _ = _load(recipe, model, adapter_path, overrides)
-        pairs = load_pairs(data, tok, cfg)
+        if split is None:
+            pairs = load_pairs(data, tok, cfg, limit=limit)
+        else:
+            from tidpo_mlx.data import PairEncoder, load_split
+
+            chosen = load_split(data, tok, cfg, split, limit)
+            pairs = Pairs(chosen.name, chosen.rows, chosen.examples, PairEncoder(tok, cfg), chosen.notes)
         echo = (lambda s: click.echo(s, err=True)) if output == "-" else click.echo
         if cfg.triplet_on:
             given, sampled = anchor_origins(pairs.examples, cfg)
@@ -100,6 +146,30 @@ def eval_command(model, adapter_path, data, recipe, batch_size, debug, output, q
             echo(f"per-pair results: {output}")
 
     run_guarded(debug, job)
+
+
+def _generate(recipe: str | None, model: str | None, adapter_path: str | None, data: str, split: str | None,
+              limit: int | None, batch_size: int | None, output: str | None, quiet: bool, given: dict[str, Any],
+              overrides: dict[str, Any]) -> None:
+    """``eval --generate`` (``gen_eval.run_generate``)."""
+    from tidpo_mlx.config import load_config
+    from tidpo_mlx.gen_eval import Request, run_generate
+    from tidpo_mlx.generation import Decoding
+
+    cfg = load_config(recipe, {**overrides, "model": model})
+    defaults = Decoding()
+    decoding = Decoding(
+        num_samples=given["num_samples"] if given["num_samples"] is not None else defaults.num_samples,
+        temperature=given["temperature"] if given["temperature"] is not None else defaults.temperature,
+        top_p=given["top_p"] if given["top_p"] is not None else defaults.top_p,
+        max_tokens=given["max_tokens"] if given["max_tokens"] is not None else defaults.max_tokens,
+        seed=cfg.seed,
+    )
+    request = Request(data=data, split=split, limit=limit, decoding=decoding, answer_pattern=given["answer_pattern"],
+                      output=output, html=given["html_path"], adapter_path=adapter_path, no_base=bool(given["no_base"]),
+                      batch_size=batch_size, quiet=quiet)
+    echo = (lambda s: click.echo(s, err=True)) if output == "-" else click.echo
+    run_generate(cfg, request, echo)
 
 
 @click.command()

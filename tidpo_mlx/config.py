@@ -1,10 +1,14 @@
 """One config object: every knob of a run, the two TI-DPO presets, YAML loading.
 
-Resolution order (later wins): dataclass defaults < preset < recipe YAML <
-command-line flags. Unknown or ill-typed keys are rejected by name. Names
-follow mlx-lm (``iters``, ``batch_size``, ``num_layers``, ``lora_parameters``,
-...) and TRL's ``DPOTrainer`` (``beta``, ``loss_type``, ``max_length``, ...)
-so their configs mostly just work.
+The :class:`Config` defaults are what a bare ``tidpo-mlx train`` runs (and
+what ``--help`` shows). A preset (``paper``, ``official``: :data:`PRESETS`)
+and a recipe YAML are named overlays on them. Resolution order (later wins):
+defaults < the preset the recipe or a flag names < recipe keys < command-line
+flags; :func:`resolve_config` also says where each value came from. Unknown
+or ill-typed keys are rejected by name. Names follow mlx-lm (``iters``,
+``batch_size``, ``num_layers``, ``lora_parameters``, ...) and TRL's
+``DPOTrainer`` (``beta``, ``loss_type``, ``max_length``, ...) so their
+configs mostly just work.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import yaml
 from tidpo_mlx.errors import ConfigError
 from tidpo_mlx.files import atomic_write_text
 from tidpo_mlx.losses import LOSSES
+from tidpo_mlx.reporting import parse_report_to
 
 LossType = Literal["dpo", "ipo", "tdpo1", "tdpo2", "simpo"]
 Weighting = Literal["none", "hybrid", "uniform", "random", "attribution", "prior", "softmax"]
@@ -134,8 +139,8 @@ class Config:
     lr_schedule: Literal["constant", "cosine", "linear"] = _doc(
         "Decay after warmup: constant, cosine or linear (to 0 at iters).", default="cosine"
     )
-    warmup_steps: int = _doc("Linear warmup steps from 0 to the peak rate.", default=5)
-    iters: int = _doc("Optimizer steps.", default=60)
+    warmup_steps: int = _doc("Linear warmup steps from 0 to the peak rate.", default=3)
+    iters: int = _doc("Optimizer steps.", default=30)
     batch_size: int = _doc("Preference pairs per micro-batch.", default=4)
     grad_accumulation_steps: int = _doc("Micro-batches per optimizer step.", default=1)
     max_grad_norm: float = _doc("Clip the global gradient norm (0: off).", default=1.0)
@@ -149,14 +154,32 @@ class Config:
         "(rows x positions x vocabulary) logits are never all in memory (0: all at once).",
         default=256,
     )
-    steps_per_report: int = _doc("Progress-bar refresh of averaged metrics.", default=1)
     steps_per_eval: int = _doc("Held-out eval every N steps (0: before and after only).", default=0)
     val_batches: int = _doc(
         "Held-out batches of 2 x batch_size pairs per eval, spread evenly over the split (-1: all; 0: no held-out "
         "eval, the split is still set aside).", default=-1
     )
-    steps_per_save: int = _doc("Checkpoint every N steps (0: only at the end).", default=50)
+    sample_every: int = _doc(
+        "Every N steps, append the policy's greedy answers to sample_prompts fixed held-out prompts to "
+        "samples.jsonl, with their answer scores (TRL's LogCompletionsCallback; 0: off).", default=0
+    )
+    sample_prompts: int = _doc("Held-out prompts (the first N of the split) that sample_every answers.", default=4)
+    steps_per_save: int = _doc("Checkpoint every N steps (0: only at the end).", default=10)
     save_total_limit: int = _doc("Checkpoints kept (oldest removed first).", default=2)
+    clear_cache_threshold: int = _doc(
+        "Clear MLX's buffer cache after a step, a held-out batch or an anchor sampling call when it holds more "
+        "than this many bytes (mlx-lm's name and default; 0: whenever it holds any, so varying batch shapes "
+        "cannot grow it).",
+        default=0,
+    )
+    report_to: Optional[str] = _doc(
+        "Also send every metrics.jsonl record to wandb and/or tensorboard (comma-separated, mlx-lm's "
+        "--report-to; pip install 'tidpo-mlx[report]').",
+        default=None,
+    )
+    project_name: Optional[str] = _doc(
+        "W&B project for report_to wandb (mlx-lm's name; default: $WANDB_PROJECT, else W&B's own).", default=None
+    )
     dequantize: Switch = _doc(
         "Compute with the frozen base dequantized: auto = on CPU yes, on GPU no.", default=Switch.AUTO
     )
@@ -169,14 +192,22 @@ class Config:
         default=Switch.AUTO,
     )
 
-    # method (SPEC.md); the preset fills these, explicit keys win
-    preset: Literal["paper", "official"] = _doc("TI-DPO preset: paper or official.", default="paper")
+    # method (docs/method.md); a preset overlays these, a recipe's keys and flags win over it
+    preset: Literal["none", "paper", "official"] = _doc(
+        "TI-DPO preset laid over the defaults before the recipe's keys: paper (as the paper states it) or "
+        "official (as the released code trains it), docs/method.md section 7; none: the defaults.",
+        default="none",
+    )
     loss_type: LossType = _doc("Preference loss: dpo, ipo, tdpo1, tdpo2, simpo.", default="dpo")
     weighting: Weighting = _doc(
         "Token weights: hybrid (TI-DPO), none, uniform, random, attribution, prior, softmax.",
         default="hybrid",
     )
-    beta: float = _doc("beta: scale of the margin in the sigmoid.", default=0.1)
+    beta: float = _doc(
+        "beta: scale of the margin in the sigmoid (paper preset: 0.1; the default is larger because sum1 weights "
+        "make the margin about a per-token mean, docs/method.md section 3).",
+        default=1.0,
+    )
     alpha: float = _doc("alpha: weight of the sequential KL term (tdpo2).", default=0.5)
     lam: float = _doc("lambda: share of attribution vs Gaussian prior in w.", default=0.7)
     sigma_div: float = _doc("sigma = max(1, n / sigma_div) of the Gaussian prior.", default=4.0)
@@ -194,8 +225,9 @@ class Config:
     anchor: Literal["sample", "policy", "none"] = _doc(
         "Triplet anchor: sample (a per-pair 'anchor' field in the data wins, the other "
         "pairs sample from the policy), policy (every anchor sampled from the current policy, "
-        "data anchors ignored: SPEC section 5) or none (triplet term off).",
-        default="sample",
+        "data anchors ignored: docs/method.md section 5) or none (triplet term off: the default, as the "
+        "anchor rows and the policy sampling make each step much slower; both presets turn it on).",
+        default="none",
     )
     anchor_temperature: float = _doc("Anchor sampling temperature.", default=0.8)
     anchor_top_p: float = _doc("Anchor sampling top-p.", default=0.95)
@@ -242,6 +274,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_norm="sum1",
         gamma=0.1,
         triplet_margin=1.0,
+        anchor="sample",
     ),
     "official": dict(
         loss_type="tdpo2",
@@ -253,8 +286,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_norm="mean1",
         gamma=0.001,
         triplet_margin=0.001,
+        anchor="sample",
     ),
 }
+"""The presets' method keys (docs/method.md section 7), each a named overlay on the :class:`Config` defaults."""
+
+REMOVED: dict[str, str] = {
+    "steps_per_report": "the progress bar shows every step's loss and metrics.jsonl records every step",
+}
+"""Keys other tools (mlx-lm) or older versions accept that tidpo-mlx does not read: why, for the error."""
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _LORA_FIELDS = {f.name: f for f in dataclasses.fields(LoRAParameters)}
@@ -388,6 +428,9 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'num_layers' must be >= 1, or -1 for every block, got {cfg.num_layers}")
     if cfg.save_total_limit < 1:
         raise ConfigError(f"{where}: 'save_total_limit' must be >= 1 (checkpoints kept), got {cfg.save_total_limit}")
+    if cfg.clear_cache_threshold < 0:
+        raise ConfigError(f"{where}: 'clear_cache_threshold' must be >= 0 (bytes), got {cfg.clear_cache_threshold}")
+    parse_report_to(cfg.report_to, where)
     spec = LOSSES[cfg.loss_type]
     if not spec.token_weights and cfg.weighting != "none":
         raise ConfigError(
@@ -401,37 +444,86 @@ def _validate(cfg: Config, where: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A resolved :class:`Config` and where each value that a preset, recipe or flag set came from."""
+
+    config: Config
+    origins: dict[str, str]
+    """Flat key (``beta``, ``lora_parameters.rank``) -> ``preset paper``, ``recipe <name>`` or ``command line``."""
+
+    def changed(self) -> dict[str, tuple[Any, str]]:
+        """The flat keys whose value differs from the :class:`Config` default: ``(value, origin)``."""
+        default, now = flat_dict(Config().to_dict()), flat_dict(self.config.to_dict())
+        out = {}
+        for key, value in now.items():
+            if key not in default or default[key] != value:
+                out[key] = (value, self.origins[key] if key in self.origins else self.origins[key.split(".")[0]])
+        return out
+
+
+def flat_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"lora_parameters": {"rank": 8}}`` as ``{"lora_parameters.rank": 8}`` (one level of nesting)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def resolve(
+    recipe: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    where: str = "config",
+    label: str | None = None,
+) -> Resolved:
+    """Resolve defaults < preset < ``recipe`` < ``overrides`` into a validated Config, with each value's origin.
+
+    The preset is the one ``overrides`` or else ``recipe`` names (none: no
+    overlay). ``where`` names the recipe file in error messages, ``label`` the
+    recipe in the origins (default: ``where``). Flat override keys
+    ``lora_rank``/``lora_scale``/``lora_dropout``/``lora_keys`` address
+    ``lora_parameters``; ``None`` override values are not given.
+    """
+    recipe = dict(recipe or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = overrides.get("preset", recipe.get("preset", Config.preset))
+    if not isinstance(preset, str) or (preset != "none" and preset not in PRESETS):
+        source = "command line" if "preset" in overrides else where
+        raise ConfigError(f"{source}: unknown preset {preset!r} (known: none, {', '.join(PRESETS)})")
+    values: dict[str, Any] = dict(PRESETS.get(preset, {}))
+    origins = {key: f"preset {preset}" for key in values}
+    lora = LoRAParameters()
+    sources = ((where, f"recipe {label or where}", recipe), ("command line", "command line", overrides))
+    for source, origin, mapping in sources:
+        for key, value in mapping.items():
+            if key.startswith("lora_") and key[5:] in _LORA_FIELDS:
+                lora = _lora_from(source, {key[5:]: value}, lora)
+                origins[f"lora_parameters.{key[5:]}"] = origin
+            elif key == "lora_parameters":
+                lora = _lora_from(source, value, lora)
+                origins.update({f"lora_parameters.{k}": origin for k in value})
+            elif key in REMOVED:
+                raise ConfigError(f"{source}: '{key}' is not a tidpo-mlx key ({REMOVED[key]}): remove it")
+            elif key not in _FIELDS:
+                raise _unknown(source, key, list(_FIELDS) + [f"lora_{k}" for k in _LORA_FIELDS])
+            else:
+                values[key] = _check_value(source, key, value, None)
+                origins[key] = origin
+    cfg = Config(**values, lora_parameters=lora)
+    _validate(cfg, where)
+    return Resolved(cfg, origins)
+
+
 def build_config(
     recipe: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     where: str = "config",
 ) -> Config:
-    """Resolve defaults < preset < ``recipe`` < ``overrides`` into a validated Config.
-
-    ``where`` names the recipe file in error messages. Flat override keys
-    ``lora_rank``/``lora_scale``/``lora_dropout``/``lora_keys`` address
-    ``lora_parameters``.
-    """
-    recipe = dict(recipe or {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    preset = overrides.get("preset", recipe.get("preset", Config.preset))
-    if preset not in PRESETS:
-        raise ConfigError(f"{where}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    values: dict[str, Any] = dict(PRESETS[preset], preset=preset)
-    lora = LoRAParameters()
-    for source, mapping in ((where, recipe), ("command line", overrides)):
-        for key, value in mapping.items():
-            if key.startswith("lora_") and key[5:] in _LORA_FIELDS:
-                lora = _lora_from(source, {key[5:]: value}, lora)
-            elif key == "lora_parameters":
-                lora = _lora_from(source, value, lora)
-            elif key not in _FIELDS:
-                raise _unknown(source, key, list(_FIELDS) + [f"lora_{k}" for k in _LORA_FIELDS])
-            else:
-                values[key] = _check_value(source, key, value, None)
-    cfg = Config(**values, lora_parameters=lora)
-    _validate(cfg, where)
-    return cfg
+    """The validated Config of defaults < preset < ``recipe`` < ``overrides`` (see :func:`resolve`)."""
+    return resolve(recipe, overrides, where).config
 
 
 def builtin_recipe_path(name: str) -> Path:
@@ -439,11 +531,15 @@ def builtin_recipe_path(name: str) -> Path:
     return Path(str(resources.files("tidpo_mlx.recipes") / f"{name}.yaml"))
 
 
+def recipe_file(spec: str | Path) -> Path:
+    """The file of a recipe given as a path or as the name of a bundled recipe (``paper``)."""
+    path = Path(spec)
+    return builtin_recipe_path(str(spec)) if not path.exists() and not path.suffix else path
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML file (a path, or the name of a bundled recipe)."""
-    p = Path(path)
-    if not p.exists() and not p.suffix:
-        p = builtin_recipe_path(str(path))
+    p = recipe_file(path)
     if not p.exists():
         raise ConfigError(f"{path}: recipe not found")
     try:
@@ -457,10 +553,18 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any] | None = None) -> Resolved:
+    """What a command resolves: the defaults, overlaid by a recipe (path or bundled name; none: no
+    recipe) and its preset, then the command-line ``overrides``, with each value's origin."""
+    if not recipe_path:
+        return resolve(None, overrides)
+    path = recipe_file(recipe_path)
+    return resolve(load_recipe(path), overrides, where=str(path), label=str(recipe_path))
+
+
 def load_config(recipe_path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a recipe (default: the bundled quickstart) and apply CLI overrides."""
-    path = recipe_path or builtin_recipe_path("quickstart")
-    return build_config(load_recipe(path), overrides, where=str(path))
+    """The Config of the defaults, a recipe (none: the defaults alone) and CLI overrides."""
+    return resolve_config(recipe_path, overrides).config
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -45,7 +45,7 @@ from tidpo_mlx import files
 from tidpo_mlx.files import atomic_write
 from tidpo_mlx.sources import SUFFIXES, Problem, bundled_folder, is_hub_id
 
-FORMAT = 2
+FORMAT = 3
 """Version of the entry layout and of the encoding rules: bump when either changes."""
 DISABLE = "TIDPO_MLX_NO_ENCODE_CACHE"
 CHUNK = 1 << 20
@@ -55,13 +55,12 @@ DATA_SUFFIXES = SUFFIXES + (".arrow",)
 
 @dataclass
 class Encoded:
-    """What encoding a source gives before the held-out split: examples by split, dropped rows, notes."""
+    """What encoding a source gives before the held-out split: examples and invalid rows by split, notes."""
 
     splits: dict[str, list[Any]]
-    problems: list[Problem]
-    """Every invalid row (whether to stop or skip them is decided after the cache: ``data.invalid_rows``)."""
-    total: int
-    """Rows read, valid or not."""
+    problems: dict[str, list[Problem]]
+    """Every invalid row, by split, in file order (whether to stop or skip them is decided after the cache:
+    ``data.splits.invalid_rows``); a split's rows read are its examples and its problems."""
     notes: list[str]
     name: str
     kind: str
@@ -180,8 +179,9 @@ def store(key: str, encoded: Encoded) -> Path:
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8").tobytes()
     ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype="<i4", count=int(lengths.sum())).tobytes()
-    meta = json.dumps({"format": FORMAT, "splits": splits, "problems": [[p.where, p.reason] for p in encoded.problems],
-                       "total": encoded.total, "notes": encoded.notes, "name": encoded.name, "kind": encoded.kind},
+    problems = {split: [[p.where, p.reason] for p in found] for split, found in encoded.problems.items()}
+    meta = json.dumps({"format": FORMAT, "splits": splits, "problems": problems,
+                       "notes": encoded.notes, "name": encoded.name, "kind": encoded.kind},
                       ensure_ascii=False, separators=(",", ":")).encode()
     digest = _payload_digest(ids, offsets, meta).encode()
     path = entry_path(key)
@@ -239,12 +239,13 @@ def _read(path: Path, example: Callable[..., Any]) -> Encoded:
                         anchor=next(sequences) if has_anchor else None, prompt_truncated=prompt_cut,
                         responses_truncated=cuts, texts=texts, dropped_turns=dropped)
                 for index, source, messages, prompt_cut, cuts, texts, dropped, has_anchor in rows]
-        problems = [Problem(where, reason) for where, reason in info["problems"]]
-    except (ValueError, TypeError, KeyError, StopIteration) as err:
+        problems = {split: [Problem(where, reason) for where, reason in found]
+                    for split, found in info["problems"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError, StopIteration) as err:
         raise CorruptEntry(f"malformed content ({type(err).__name__}: {err})") from None
     if next(sequences, None) is not None:
         raise CorruptEntry("token sequences left over")
-    return Encoded(splits, problems, int(info["total"]), list(info["notes"]), info["name"], info["kind"])
+    return Encoded(splits, problems, list(info["notes"]), info["name"], info["kind"])
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from tidpo_mlx.config import Config
-from tidpo_mlx.data import Dataset, Example
+from tidpo_mlx.data.example import Dataset, Example
 from tidpo_mlx.options import run_guarded
 
 
@@ -41,7 +41,7 @@ def marked(ex: Example, tokenizer: Any) -> str:
 
 def check_data(cfg: Config, echo: Callable[[str], None] = click.echo) -> None:
     """Load the tokenizer of ``cfg.model`` and report on ``cfg.data`` (invalid rows counted, not stopping)."""
-    from tidpo_mlx.data import load_dataset
+    from tidpo_mlx.data.load import load_dataset
     from tidpo_mlx.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(cfg.model))
@@ -55,7 +55,7 @@ def data() -> None:
 
 @data.command()
 @click.option("--data", "data_spec", default=None, help="Folder, file, bundled name or Hub dataset id. [default: the recipe's]")
-@click.option("-c", "--config", "recipe", default=None, help="Recipe YAML (path or bundled name). [default: quickstart]")
+@click.option("-c", "--config", "recipe", default=None, help="Recipe YAML (a path, or bundled: quickstart, paper, official, dpo) laid over the defaults; without it the defaults.")
 @click.option("--model", default=None, help="Model whose tokenizer and chat template apply. [default: the recipe's]")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def check(data_spec: str | None, recipe: str | None, model: str | None, debug: bool) -> None:

@@ -6,10 +6,9 @@ import platform
 import time
 from importlib import metadata
 
-from tidpo_mlx.backend.cpu import allocator
-from tidpo_mlx.backend.cpu.blas import OPT_OUT_ENV, STATUS
-
 import mlx.core as mx
+
+from tidpo_mlx import backend
 
 SLOW_GFLOPS = 50.0
 
@@ -37,25 +36,17 @@ def report() -> list[str]:
     device = mx.default_device()
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     gflops = gemm_gflops()
+    process = backend.process_status()
     lines = [
         f"platform:   {platform.system()} {platform.machine()}, Python {platform.python_version()}",
         f"mlx:        {_version('mlx')} (backend: {'metal' if mx.metal.is_available() else 'cpu'}; default device {device})",
         f"mlx-lm:     {_version('mlx-lm')}",
         f"device:     {info.get('device_name', 'unknown')} ({info.get('architecture', '?')})",
-        f"blas:       {STATUS.state}{': ' + STATUS.detail if STATUS.detail else ''}",
-        f"malloc:     {allocator.STATUS}",
+        *(f"{label + ':':<12}{text}" for label, text in process.items()),
         f"gemm fp32:  {gflops:.1f} GFLOP/s (1024 x 1024 matmul)",
     ]
     if device.type == mx.DeviceType.cpu and gflops < SLOW_GFLOPS:
-        if STATUS.state == "too late":
-            advice = "mlx was imported before tidpo_mlx: import tidpo_mlx first."
-        elif STATUS.state == "disabled":
-            advice = f"unset {OPT_OUT_ENV} to load the fast OpenBLAS."
-        elif STATUS.state in ("missing", "failed"):
-            advice = "pip install cmeel-openblas (a Linux dependency of tidpo-mlx), then rerun doctor."
-        else:
-            advice = "the machine is busy or has few cores; close other jobs."
-        lines.append(f"slow:       matmuls run below {SLOW_GFLOPS:.0f} GFLOP/s: {advice}")
+        lines.append(f"slow:       matmuls run below {SLOW_GFLOPS:.0f} GFLOP/s: {backend.slow_advice()}")
     else:
         lines.append("status:     ok")
     return lines

@@ -18,23 +18,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from tidpo_mlx import memory_guard
 from tidpo_mlx.anchors import sample_anchors
 from tidpo_mlx.batching import EVAL_TOKENS, Layout, bucket, collate, eval_batches
 from tidpo_mlx.config import Config
-from tidpo_mlx.data import Example, PairEncoder, encode_checked, held_out_split, hf_dataset_keys
-from tidpo_mlx.forward import Forward
+from tidpo_mlx.data.encoder import PairEncoder
+from tidpo_mlx.data.example import Example
+from tidpo_mlx.data.load import load_split
+from tidpo_mlx.interrupts import check
 from tidpo_mlx.metrics import held_out_metrics
 from tidpo_mlx.models import eval_mode
 from tidpo_mlx.objective import PER_PAIR_KEYS, batch_objective
+from tidpo_mlx.runtime import Runtime
 from tidpo_mlx.scoring import Scorer, Which
 from tidpo_mlx.seeds import EVAL_BATCH, derive_seed
-from tidpo_mlx.sources import read_file, resolve_source
 
 
 @dataclass
@@ -50,32 +52,16 @@ class Pairs:
 
 
 def load_pairs(data: str, tokenizer: Any, cfg: Config, limit: int | None = None) -> Pairs:
-    """Encode the pairs of ``data`` (first ``limit`` if given), with training's loader.
+    """The pairs of ``data`` to evaluate (first ``limit`` if given), loaded as training loads them
+    (:func:`~tidpo_mlx.data.load.load_split`: same cache, checks, held-out split and indices).
 
     A file: all its rows. A folder, bundled name, save_to_disk folder or Hub
     id: its valid split, or the held-out split training makes when it has
     none (same ``valid_fraction`` and ``seed``). Invalid rows are reported as
     in training (``skip_invalid`` drops them).
     """
-    path = Path(data).expanduser()
-    if path.is_file():
-        name, splits = str(path), {"valid": read_file(path, "valid")}
-    else:
-        source = resolve_source(data, hf_dataset_keys(cfg))
-        split = "valid" if "valid" in source.splits else "train"
-        name, splits = f"{source.name} ({split} split)", {split: source.splits[split]}
-    encoder = PairEncoder(tokenizer, cfg)
-    encoded, notes = encode_checked(encoder, splits, cfg)
-    examples = encoded.get("valid")
-    if examples is None:
-        examples = held_out_split(encoded["train"], cfg.valid_fraction, cfg.seed)[1]
-        name = name.replace("(train split)", "(held-out split made from train)")
-    if limit is not None and limit >= 0:
-        examples = examples[:limit]
-    by_where = {where: row for rows in splits.values() for where, row in rows.rows}
-    for i, ex in enumerate(examples):
-        ex.index = i
-    return Pairs(name, [by_where[ex.source] for ex in examples], examples, encoder, notes)
+    split = load_split(data, tokenizer, cfg, limit=limit)
+    return Pairs(split.name, split.rows, split.examples, PairEncoder(tokenizer, cfg), split.notes)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -102,13 +88,15 @@ class HeldOut:
     """Held-out metrics of the current policy from summed response log-probs (``scoring.Scorer``).
 
     The reference's sums are computed once. Each rank evaluates its share of
-    the batches, then the sums are all-summed.
+    the batches, then the sums are all-summed. After each batch the buffer
+    cache is bounded (``clear_cache_threshold``) and a Ctrl-C or SIGTERM
+    stops the pass (``interrupts.check``).
     """
 
-    def __init__(self, fwd: Forward, cfg: Config, examples: list[Example], pad_id: int, world: Any):
+    def __init__(self, rt: Runtime, cfg: Config, examples: list[Example], pad_id: int, world: Any):
         self.cfg = cfg
         self.world = world
-        self.scorer = Scorer(fwd, cfg, pad_id)
+        self.scorer = Scorer(rt, cfg, pad_id)
         batches = self.scorer.batches(examples, 2 * cfg.batch_size, cfg.val_batches)
         ours = np.arange(len(batches)) % world.size() == world.rank()
         self.mine = [b for b, keep in zip(batches, ours) if keep]
@@ -120,10 +108,14 @@ class HeldOut:
         """Summed log-probs of every held-out pair, chosen and rejected, of the policy or the reference."""
         sums = np.zeros((2, self.pairs), dtype=np.float32)
         if self.mine:
-            sums[:, self.positions] = self.scorer.sums(self.mine, which)[0]
+            sums[:, self.positions] = self.scorer.sums(self.mine, which, done=self._after_batch)[0]
         if self.world.size() > 1:
             sums = np.array(mx.distributed.all_sum(mx.array(sums), stream=mx.cpu))
         return sums[0], sums[1]
+
+    def _after_batch(self, pairs: int) -> None:
+        memory_guard.after_step(self.cfg.clear_cache_threshold)
+        check()
 
     def __call__(self, policy_is_reference: bool = False) -> dict[str, float]:
         """Metrics of the current policy; ``policy_is_reference`` reuses the reference sums
@@ -137,7 +129,7 @@ class HeldOut:
 
 
 def evaluate_pairs(
-    fwd: Forward,
+    rt: Runtime,
     tokenizer: Any,
     cfg: Config,
     pairs: Pairs,
@@ -148,7 +140,7 @@ def evaluate_pairs(
 
     Records carry ``index`` (0-based position in the file) and the per-pair
     arrays of ``batch_objective`` (``kl_*`` for tdpo losses only). Rewards are
-    SPEC section 10's ``beta * sum rho`` (simpo: ``simpo_beta * avg logp``).
+    docs/method.md section 10's ``beta * sum rho`` (simpo: ``simpo_beta * avg logp``).
     The objective is compiled once per layout, lengths padded to
     :func:`~tidpo_mlx.batching.bucket` lengths (few shapes to trace); without
     the attribution (no gradient inside the objective) batches grow to
@@ -157,12 +149,11 @@ def evaluate_pairs(
     micro-step's activations).
     """
     pad = pad_id_of(tokenizer)
-    model = fwd.model
-    state = [model.state, mx.random.state, model.__dict__.get("_reference_weights", {})]
+    model = rt.model
     compiled: dict[Layout, Callable] = {}
 
     def per_pair(batch: dict[str, mx.array], layout: Layout) -> dict[str, mx.array]:
-        _, aux = batch_objective(fwd, cfg, batch, layout)
+        _, aux = batch_objective(rt, cfg, batch, layout)
         return {k: v for k, v in aux.items() if k in PER_PAIR_KEYS}
 
     budget = 0 if cfg.uses_attribution else EVAL_TOKENS
@@ -173,13 +164,14 @@ def evaluate_pairs(
             anchors = None
             if cfg.triplet_on:
                 anchors = sample_anchors(model, tokenizer, pairs.encoder, batch_examples, cfg, step=0)
-            batch, layout = fwd.prepare(collate(batch_examples, pad, anchors, pad_to=bucket))
+            batch, layout = rt.layout_batch(collate(batch_examples, pad, anchors, pad_to=bucket))
             if layout not in compiled:
-                compiled[layout] = mx.compile(partial(per_pair, layout=layout), inputs=state, outputs=state[1:2])
+                compiled[layout] = rt.compile(partial(per_pair, layout=layout))
             mx.random.seed(batch_seed(cfg, batch_examples[0].index))
             values = {k: np.array(v, dtype=np.float64) for k, v in compiled[layout](batch).items()}
             for j, ex in enumerate(batch_examples):
                 records[ex.index] = {"index": ex.index, **{k: float(values[k][j]) for k in PER_PAIR_KEYS if k in values}}
+            memory_guard.after_step(cfg.clear_cache_threshold)
             if progress is not None:
                 progress(len(batch_examples))
     return [records[i] for i in sorted(records)]

@@ -1,4 +1,4 @@
-"""Label-noise robustness (SPEC.md section 11): DPO vs TI-DPO and two ablations under flipped labels.
+"""Label-noise robustness (docs/method.md section 11): DPO vs TI-DPO and two ablations under flipped labels.
 
 For every seed, noise level and method: copy the data with that share of the
 *training* pairs flipped (chosen and rejected swapped; the pairs to flip are
@@ -64,12 +64,10 @@ NOISE_LEVELS = (0.0, 0.1, 0.2, 0.4)
 QUICK_METHODS = ("dpo", "tidpo")
 QUICK_NOISE = (0.0, 0.4)
 
-# Sizes. Seconds per step (Method.sec_per_step) and per held-out pair and pass, measured with the
-# built-in SmolLM2-135M (4-bit GGUF, dequantized for CPU) on the bundled arith data, batch 4, on
-# this project's 2-core CPU machine when idle: DPO 3.4 s, TI-DPO 7.2 s (the bundled data anchors
-# add a third row per pair), w/o triplet 4.4 s; uniform (triplet, no attribution) estimated.
-# A shared machine is several times slower. Default: 32 runs of 14 steps, ~50 min estimated;
-# quick: 4 runs of 6 steps, ~3.5 min.
+# Sizes. The seconds per step (Method.sec_per_step), per run and per held-out pair and pass only
+# estimate how long a plan takes (printed before it starts): they were measured with the built-in
+# SmolLM2-135M on the bundled arith data, batch 4, on an idle CPU machine (benchmarks/RESULTS.md);
+# a triplet run is slower because the data's anchors add a third row per pair.
 DEFAULT_ITERS, DEFAULT_SEEDS, DEFAULT_VAL_PAIRS = 14, 2, 32
 QUICK_ITERS, QUICK_SEEDS, QUICK_VAL_PAIRS = 6, 1, 16
 SEC_PER_RUN = 8.0  # model load, data encoding, adapter saving
@@ -200,8 +198,8 @@ def run_config(plan: Plan, method: str, noise: float, seed: int, data_dir: Path)
     recipe_values = load_recipe(recipe)
     overrides: dict[str, Any] = {
         **m.overrides,
-        # short runs: warmup at most a third of the steps (the recipes warm up over 5)
-        "warmup_steps": min(int(recipe_values.get("warmup_steps", 0)), plan.iters // 3),
+        # short runs: warmup at most a third of the steps
+        "warmup_steps": min(build_config(recipe_values, where=str(recipe)).warmup_steps, plan.iters // 3),
         "data": str(data_dir),
         "iters": plan.iters,
         "seed": seed,
@@ -367,7 +365,7 @@ def results_markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Label-noise robustness",
         "",
-        f"Model `{plan.model or 'recipe default (smollm2-135m-instruct)'}`, data `{plan.data or 'arith'}` "
+        f"Model `{plan.model or 'default (smollm2-135m-instruct)'}`, data `{plan.data or 'arith'}` "
         f"({train_pairs} training pairs, {val} held-out pairs), {plan.iters} steps per run, "
         f"{plan.seeds} seed(s) (warmup at most a third of the steps); a share of the *training* labels "
         "flipped, held-out pairs untouched. "
@@ -404,7 +402,7 @@ def results_markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
             f"{m} {np.mean([v[0] for k, v in secs.items() if k[0] == m]):.0f} s" for m in methods) + "."]
     lines += [
         "",
-        "Paper (SPEC.md section 11, GSM8K accuracy, full fine-tunes of much larger models; for the shape only):",
+        "Paper (docs/method.md section 11, GSM8K accuracy, full fine-tunes of much larger models; for the shape only):",
         "DPO 69.3 / 67.5 / 64.8 / 60.1, TI-DPO 73.0 / 72.2 / 70.8 / 68.3 at 0 / 10 / 20 / 40 % flipped labels.",
         "",
     ]

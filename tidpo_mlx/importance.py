@@ -1,4 +1,4 @@
-"""Token importance (SPEC.md sections 1-3): gradient attribution, Gaussian prior, hybrid weights.
+"""Token importance (docs/method.md sections 1-3): gradient attribution, Gaussian prior, hybrid weights.
 
 All arrays are batched over N sequences and L positions, with masks as float
 arrays (1 = in the span). Position indices inside a span are derived from the
@@ -11,13 +11,13 @@ from typing import Callable
 
 import mlx.core as mx
 
-from tidpo_mlx.forward import Forward
+from tidpo_mlx.runtime import Runtime
 
 EPS = 1e-8
 
 
-def attribution(fwd: Forward, inputs: mx.array, batch: dict[str, mx.array], rows: slice) -> mx.array:
-    """Gradient attribution ``I_i = || d target / d E_i ||_1`` (SPEC section 1) of the batch rows ``rows``.
+def attribution(rt: Runtime, inputs: mx.array, batch: dict[str, mx.array], rows: slice) -> mx.array:
+    """Gradient attribution ``I_i = || d target / d E_i ||_1`` (docs/method.md section 1) of the batch rows ``rows``.
 
     ``target`` is the max over the vocabulary of the policy logits at the last
     real position ``last`` of each sequence. The gradient is taken with respect
@@ -25,21 +25,21 @@ def attribution(fwd: Forward, inputs: mx.array, batch: dict[str, mx.array], rows
     constants here) and its result is cut from the graph with
     ``stop_gradient``. Sequences do not interact, so the gradient of the
     summed targets gives every sequence its own. Returns (N, L) over the
-    positions of the forward's layout (the response positions in every layout).
+    positions of the runtime's layout (the response positions in every layout).
     """
     last = batch["last"][rows]
 
     def target(e: mx.array) -> mx.array:
-        h = fwd.hidden(e, batch, rows)
+        h = rt.hidden(e, batch, rows)
         h_last = mx.take_along_axis(h, last[:, None, None], axis=1)
-        return fwd.logits(h_last).max(axis=-1).sum()
+        return rt.logits(h_last).max(axis=-1).sum()
 
     grad = mx.grad(target)(inputs)
     return mx.stop_gradient(mx.abs(grad).sum(axis=-1).astype(mx.float32))
 
 
 def gaussian_prior(span: mx.array, sigma_div: float) -> mx.array:
-    """Normalised Gaussian prior ``P_hat`` over each span (SPEC section 2).
+    """Normalised Gaussian prior ``P_hat`` over each span (docs/method.md section 2).
 
     ``P(t) = exp(-((t - mu) / sigma)^2 / 2)`` with ``mu = (n - 1) / 2`` and
     ``sigma = max(1, n / sigma_div)`` over the ``n`` positions of the span,
@@ -73,7 +73,7 @@ def span_weights(
     weight_norm: str,
     random: Callable[[tuple[int, ...]], mx.array] | None = None,
 ) -> mx.array:
-    """Weights ``w`` over each span (SPEC sections 3 and 8), shape (N, L).
+    """Weights ``w`` over each span (docs/method.md sections 3 and 8), shape (N, L).
 
     ``hybrid``: ``lam * I_hat + (1 - lam) * P_hat``; ``attribution``: lam = 1;
     ``prior``: lam = 0; ``softmax``: the softmax ``I_hat``; ``random``: I drawn

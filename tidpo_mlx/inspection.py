@@ -16,10 +16,10 @@ import numpy as np
 from tidpo_mlx.batching import collate
 from tidpo_mlx.config import Config
 from tidpo_mlx.evaluation import Pairs, batch_seed, pad_id_of
-from tidpo_mlx.forward import Forward
 from tidpo_mlx.importance import attribution, gaussian_prior, response_weights
 from tidpo_mlx.models import eval_mode
 from tidpo_mlx.objective import token_weights
+from tidpo_mlx.runtime import Runtime
 
 
 def weights_config(cfg: Config) -> Config:
@@ -98,7 +98,7 @@ def _special_ids(tokenizer: Any) -> set[int]:
 
 
 def importance_records(
-    fwd: Forward,
+    rt: Runtime,
     tokenizer: Any,
     cfg: Config,
     pairs: Pairs,
@@ -114,22 +114,22 @@ def importance_records(
     the loss multiplies ``rho`` by. The model runs as the policy (adapters on) in
     eval mode, over whole rows.
     """
-    fwd = fwd.whole_rows()
+    rt = rt.whole_rows()
     wcfg = weights_config(cfg)
     pad = pad_id_of(tokenizer)
     special = _special_ids(tokenizer)
     out = []
-    with eval_mode(fwd.model):
+    with eval_mode(rt.model):
         for start in range(0, len(pairs.examples), batch_size):
             exs = pairs.examples[start: start + batch_size]
             b = len(exs)
-            batch, _ = fwd.prepare(collate(exs, pad))
-            e = fwd.embed(batch)
+            batch, _ = rt.layout_batch(collate(exs, pad))
+            e = rt.embed(batch)
             mx.random.seed(batch_seed(cfg, exs[0].index))
-            tw = token_weights(fwd, wcfg, batch, e, 2 * b)
+            tw = token_weights(rt, wcfg, batch, e, 2 * b)
             imp = tw["importance"]
             if imp is None:
-                imp = attribution(fwd, e[: 2 * b], batch, slice(0, 2 * b))
+                imp = attribution(rt, e[: 2 * b], batch, slice(0, 2 * b))
             span = batch["resp_span" if cfg.weight_span == "response" else "seq_mask"]
             pos, mask = batch["resp_pos"], batch["resp_mask"]
             prior = response_weights(gaussian_prior(span, cfg.sigma_div), pos, mask)

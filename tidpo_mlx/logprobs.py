@@ -2,7 +2,7 @@
 
 The objective needs, for every response token, ``log pi(y_t | x, y_<t) =
 logits[y_t] - logsumexp(logits)`` and, for the tdpo losses, the per-token
-``KL(ref(. | x, y_<t) || pi(. | x, y_<t))`` over the full vocabulary (SPEC
+``KL(ref(. | x, y_<t) || pi(. | x, y_<t))`` over the full vocabulary (docs/method.md
 section 4). Computed from whole (N, R, V) float32 logits, autodiff keeps
 those alive from the forward to the backward pass, several arrays of them
 (a Qwen2.5 vocabulary of 151936 at 4 x 1024 positions: 2.5 GB each).
@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 Logits = Callable[[mx.array], mx.array]
-"""A head: hidden states (n, D) -> logits (n, V), post-head transforms included (``Forward.logits``)."""
+"""A head: hidden states (n, D) -> logits (n, V), post-head transforms included (``Runtime.logits``)."""
 
 
 def head_parameters(model: nn.Module) -> dict[str, mx.array]:
@@ -170,7 +170,7 @@ def token_logprobs_kl(
 
     The reference (``ref_head`` on ``ref_hidden``) carries no gradient; the
     KL's gradient flows through the policy ``head`` and ``hidden`` only.
-    Summed over response tokens the KL is SPEC section 4's sequential
+    Summed over response tokens the KL is docs/method.md section 4's sequential
     ``KL(y)``. Both heads run in the same chunks, so the policy logits serve
     the log-prob and the KL.
     """

@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of arrays (SPEC.md sections 4-6 and 8).
+"""Preference losses as pure functions of arrays (docs/method.md sections 4-6 and 8).
 
 Shapes: B pairs, R response slots. ``rho`` is the per-token log-ratio
 ``log pi - log ref`` (B, R), ``mask`` marks real response tokens, ``w`` the
@@ -117,7 +117,7 @@ class LossSpec:
 
     ``reference``: uses the reference model (rho); ``full_kl``: needs the
     full-vocabulary sequential KL; ``token_weights``: accepts TI-DPO weights
-    (every reference-based loss, SPEC section 8); ``label_smoothing``: reads
+    (every reference-based loss, docs/method.md section 8); ``label_smoothing``: reads
     ``label_smoothing``. ``loss(terms, keys)`` reads its scalar keys (``beta``,
     ``alpha``, ...) as attributes of ``keys`` (the run's Config).
     """
@@ -146,4 +146,4 @@ LOSSES: dict[str, LossSpec] = {
         lambda t, k: simpo_loss(t.avg_logp_chosen, t.avg_logp_rejected, k.simpo_beta, k.simpo_gamma), reference=False
     ),
 }
-"""Every ``loss_type`` (SPEC sections 4 and 8); config validation derives what is allowed from it."""
+"""Every ``loss_type`` (docs/method.md sections 4 and 8); config validation derives what is allowed from it."""

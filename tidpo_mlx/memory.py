@@ -12,12 +12,15 @@ so it is undone per model (:func:`restore_blocks`), unlike mlx-lm's
 weights plus :func:`activation_bytes`, the estimated activations of the
 largest micro-step of the run, and the optimizer state would exceed
 :data:`SHARE` of the memory MLX may use (``mx.get_memory_limit``). The
-estimate counts what the backward keeps: only the blocks it goes through
-(:func:`backward_blocks`: the adapted ones, or all when the attribution
-differentiates to the input embeddings) and the token positions and attention
-scores the layout runs (:class:`Extent`: with the shared prefix each pair's
-prompt once). Its constants were fitted to measured
-peaks (``benchmarks/grad_checkpoint.py``; numbers in ``benchmarks/RESULTS.md``).
+estimate counts what the backward keeps, as the run's runtime computes it
+(:class:`~tidpo_mlx.runtime.Facts`): only the blocks the backward goes through
+(``backward_blocks``: the adapted ones, or all when the attribution
+differentiates to the input embeddings), the token positions the layout runs
+(:class:`Extent`: with the shared prefix each pair's prompt once) and the
+attention scores where attention keeps a score matrix (``score_matrix``:
+plain-op attention). Its constants were fitted to measured peaks
+(``benchmarks/grad_checkpoint.py``; numbers in ``benchmarks/RESULTS.md``).
+The decision is a :class:`Checkpointing`, its log line :attr:`Checkpointing.note`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from tidpo_mlx.batching import round_up
+from tidpo_mlx.config import Switch
 from tidpo_mlx.data import Example
+from tidpo_mlx.runtime import Facts, RowLayout
 from tidpo_mlx.swap import CallSwap
 
 SHARE = 0.8
@@ -44,9 +49,9 @@ PER_TOKEN_HIDDEN = 20
 PER_TOKEN_INTERMEDIATE = 4
 """... per unit of the MLP's intermediate size (fitted)."""
 PER_SCORE = 3
-"""... per attention score (rows x heads x queries x keys) where attention runs as plain ops (CPU; fitted)."""
+"""... per attention score (rows x heads x queries x keys) where attention keeps a score matrix (plain ops; fitted)."""
 FUSED_SCORE = 0
-"""Per attention score with the fused kernel (Metal's ``scaled_dot_product_attention`` keeps no score matrix)."""
+"""Per attention score with a fused kernel (``scaled_dot_product_attention`` keeps no score matrix)."""
 
 
 def _recomputed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -121,36 +126,86 @@ class Extent:
         return cls(rows * length, rows * length * length)
 
 
-def backward_blocks(model: nn.Module, num_layers: int, attribution: bool) -> int:
-    """Blocks whose activations the backward keeps: every block when the attribution differentiates to the
-    input embeddings E, else the last ``num_layers`` (-1: all) that carry the trainable weights."""
-    count = len(model.layers)
-    return count if attribution or num_layers == -1 else min(num_layers, count)
-
-
-def activation_bytes(model: nn.Module, blocks: int, extent: Extent, plain_attention: bool) -> int:
+def activation_bytes(model: nn.Module, blocks: int, extent: Extent, score_matrix: bool) -> int:
     """Estimated activations kept for the backward of ``blocks`` blocks over ``extent``.
 
     Per block and token position: :data:`PER_TOKEN_HIDDEN` x hidden +
     :data:`PER_TOKEN_INTERMEDIATE` x intermediate values, plus the attention
-    scores of plain-op attention; in the model's compute dtype (float32 on CPU, where the base is dequantized).
+    scores where attention keeps a ``score_matrix``; in the model's compute
+    dtype (float32 where the base is dequantized).
     """
     hidden, intermediate, heads = _dims(model)
     itemsize = _compute_itemsize(model)
     per_token = PER_TOKEN_HIDDEN * hidden + PER_TOKEN_INTERMEDIATE * intermediate
-    per_score = (PER_SCORE if plain_attention else FUSED_SCORE) * heads
+    per_score = (PER_SCORE if score_matrix else FUSED_SCORE) * heads
     return blocks * (extent.tokens * per_token + extent.scores * per_score) * itemsize
 
 
-def decide(setting: str, model: nn.Module, blocks: int, extent: Extent, plain_attention: bool,
-           trainable_bytes: int = 0) -> tuple[bool, str]:
-    """Whether to recompute blocks for ``grad_checkpoint: setting``, and the log line saying why."""
-    if setting in ("true", "false"):
-        return setting == "true", f"grad_checkpoint: {setting}"
-    activations = activation_bytes(model, blocks, extent, plain_attention)
+@dataclass(frozen=True)
+class Estimate:
+    """What ``grad_checkpoint: auto`` weighs (bytes): the activations, everything with them, and MLX's limit."""
+
+    activations: int
+    total: int
+    limit: int
+    blocks: int
+    tokens: int
+
+    @property
+    def over(self) -> bool:
+        """Whether the total exceeds :data:`SHARE` of the limit."""
+        return self.total > SHARE * self.limit
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Whether a run recomputes its blocks in the backward (``grad_checkpoint``), and why (:attr:`note`)."""
+
+    on: bool
+    setting: Switch
+    estimate: Estimate | None = None
+    """``auto``'s estimate (None where the setting insists)."""
+    leaves_shared_prefix: bool = False
+    """On where the runtime runs the shared prefix: the run goes over whole rows (recomputation needs them)."""
+    held_off: bool = False
+    """``auto``'s estimate is over, but ``shared_prefix: true`` keeps the shared prefix, so no recomputation."""
+
+    @property
+    def note(self) -> str:
+        """The log line."""
+        e = self.estimate
+        if e is None:
+            text = f"grad_checkpoint: {self.setting}"
+        else:
+            text = (f"grad_checkpoint auto: {'on' if self.on else 'off'} (estimated activations "
+                    f"{e.activations / 1e9:.2f} GB for {e.blocks} blocks x {e.tokens} token positions, "
+                    f"{e.total / 1e9:.2f} GB in all with the weights and optimizer state; "
+                    f"{'over' if e.over else 'within'} {SHARE:.0%} of the {e.limit / 1e9:.1f} GB MLX may use)")
+        if self.leaves_shared_prefix:
+            text += "; whole rows instead of the shared prefix"
+        if self.held_off:
+            text += "; kept off for shared_prefix: true"
+        return text
+
+
+def decide(setting: Switch, model: nn.Module, facts: Facts, extent: Extent, trainable_bytes: int = 0,
+           keep_shared_prefix: bool = False) -> Checkpointing:
+    """Whether to recompute the blocks of ``model`` as its runtime's ``facts`` run it, for ``grad_checkpoint:
+    setting`` and the largest micro-step ``extent``.
+
+    ``auto`` recomputes when the resident memory plus the estimated
+    activations and ``trainable_bytes`` x :data:`OPTIMIZER_COPIES` exceed
+    :data:`SHARE` of MLX's memory limit, unless the runtime runs the shared
+    prefix and ``keep_shared_prefix`` (``shared_prefix: true``) holds it.
+    """
+    shared = facts.layout is RowLayout.SHARED_PREFIX
+    if setting is not Switch.AUTO:
+        on = setting.resolve(False)
+        return Checkpointing(on, setting, leaves_shared_prefix=on and shared)
+    activations = activation_bytes(model, facts.backward_blocks, extent, facts.score_matrix)
     resident, limit = mx.get_active_memory(), mx.get_memory_limit()
     total = resident + activations + OPTIMIZER_COPIES * trainable_bytes
-    on = total > SHARE * limit
-    return on, (f"grad_checkpoint auto: {'on' if on else 'off'} (estimated activations {activations / 1e9:.2f} GB "
-                f"for {blocks} blocks x {extent.tokens} token positions, {total / 1e9:.2f} GB in all with the weights "
-                f"and optimizer state; {'over' if on else 'within'} {SHARE:.0%} of the {limit / 1e9:.1f} GB MLX may use)")
+    estimate = Estimate(activations, total, limit, facts.backward_blocks, extent.tokens)
+    held = estimate.over and shared and keep_shared_prefix
+    on = estimate.over and not held
+    return Checkpointing(on, setting, estimate, leaves_shared_prefix=on and shared, held_off=held)

@@ -1,9 +1,10 @@
 """Models: resolve and load, dequantize for CPU, LoRA with an off switch, adapters I/O.
 
 The policy ``pi`` is the base model with trainable LoRA adapters; the reference
-``ref`` is the very same module with the adapters switched off (one copy in
-memory). The switch is a Python flag read while a function is traced, so it
-works inside ``mx.compile``.
+``ref`` (:class:`Reference`, returned by :func:`attach_trainable`) is the very
+same module with the adapters switched off (one copy in memory). The switch is
+a Python flag read while a function is traced, so it works inside
+``mx.compile``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from tidpo_mlx.config import Config, LoRAParameters
+from tidpo_mlx.config import Config, LoRAParameters, Switch
 from tidpo_mlx.errors import ModelError, first_line
 from tidpo_mlx.files import atomic_save_safetensors, atomic_write_text
 
@@ -31,7 +32,7 @@ class SwitchableLoRALinear(LoRALinear):
     """mlx-lm's LoRALinear (same parameters, same file format) with an off switch.
 
     ``enabled = False`` makes the layer compute the frozen base ``W x`` only: the
-    reference model ``ref`` of SPEC.md.
+    reference model ``ref`` (docs/method.md).
     """
 
     enabled: bool = True
@@ -66,32 +67,43 @@ def lora_layers(model: nn.Module) -> list[SwitchableLoRALinear]:
     return [m for _, m in model.named_modules() if isinstance(m, SwitchableLoRALinear)]
 
 
-@contextlib.contextmanager
-def reference_mode(model: nn.Module) -> Iterator[None]:
-    """Run the reference model ``ref`` inside this block.
+class Reference:
+    """The reference model ``ref`` of a policy (docs/method.md, Notation): its switch and its compiled state.
 
-    LoRA: the same module with every adapter switched off (one copy in
-    memory). Full fine-tuning: the trained blocks' original weights swapped in
-    (kept since :func:`attach_full`; arrays are immutable, so the copy costs
-    memory only once the weights have changed).
+    LoRA: the policy's own module with every adapter switched off (one copy in
+    memory). Full fine-tuning: the trained blocks' original ``weights`` swapped
+    in (arrays are immutable, so the copy costs memory only once the weights
+    have changed). A model without adapters is its own reference.
     """
-    reference = model.__dict__.get("_reference_weights")
-    if reference is not None:
-        current = model.trainable_parameters()
-        model.update(tree_unflatten(list(reference.items())))
+
+    def __init__(self, model: nn.Module, weights: dict[str, mx.array] | None = None):
+        self.model = model
+        self.weights = weights
+
+    @property
+    def state(self) -> dict[str, mx.array]:
+        """The arrays a compiled function must take as inputs so it never bakes them in (full fine-tuning)."""
+        return self.weights if self.weights is not None else {}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Run the reference inside this block (read while a function is traced, so it works in ``mx.compile``)."""
+        if self.weights is not None:
+            current = self.model.trainable_parameters()
+            self.model.update(tree_unflatten(list(self.weights.items())))
+            try:
+                yield
+            finally:
+                self.model.update(current)
+            return
+        layers = lora_layers(self.model)
+        for layer in layers:
+            layer.enabled = False
         try:
             yield
         finally:
-            model.update(current)
-        return
-    layers = lora_layers(model)
-    for layer in layers:
-        layer.enabled = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enabled = True
+            for layer in layers:
+                layer.enabled = True
 
 
 @contextlib.contextmanager
@@ -241,13 +253,13 @@ def load_tokenizer(path: Path) -> Any:
     return mlx_lm_load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
 
 
-def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, list[str]]:
+def load_base(path: Path, dequantize: Switch = Switch.AUTO) -> tuple[nn.Module, Any, list[str]]:
     """Load model + tokenizer with mlx-lm; return (model, tokenizer, notes for the log).
 
-    On the CPU, ``quantized_matmul`` is ~80x slower than an fp32 GEMM, so the
-    frozen base is dequantized to float32 there unless ``dequantize`` is
-    false; on a GPU it stays quantized unless forced. How the model then runs
-    is the forward's business (``forward.make_forward``).
+    MLX's CPU ``quantized_matmul`` is far slower than its fp32 GEMM (numbers in
+    ``benchmarks/RESULTS.md``), so ``dequantize: auto`` dequantizes the frozen
+    base to float32 on the CPU; on a GPU it stays quantized unless forced. How
+    the model then runs is its runtime's business (``backend.select``).
     """
     from mlx_lm.utils import dequantize_model, load_model
 
@@ -258,7 +270,7 @@ def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, lis
     tokenizer = load_tokenizer(path)
     notes = []
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-    if quantized and (dequantize == "true" or (dequantize == "auto" and on_cpu())):
+    if quantized and dequantize.resolve(on_cpu()):
         model = dequantize_model(model)
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())
@@ -269,8 +281,8 @@ def load_base(path: Path, dequantize: str = "auto") -> tuple[nn.Module, Any, lis
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
-def attach_lora(model: nn.Module, cfg: Config) -> None:
-    """Freeze the base and put LoRA on the last ``num_layers`` blocks.
+def attach_lora(model: nn.Module, cfg: Config) -> Reference:
+    """Freeze the base and put LoRA on the last ``num_layers`` blocks; return the reference (adapters off).
 
     On ``cfg.lora_parameters.keys``, or with no keys on every Linear /
     QuantizedLinear of each block, fused ones (``qkv_proj``, ``gate_up_proj``)
@@ -297,6 +309,7 @@ def attach_lora(model: nn.Module, cfg: Config) -> None:
             f"lora_parameters.keys: {', '.join(sorted(missing)) or 'the default'} names no linear layer of the "
             f"blocks; they have: {', '.join(sorted(linear)) or 'none'}"
         )
+    return Reference(model)
 
 
 def lora_keys(model: nn.Module) -> list[str]:
@@ -304,10 +317,10 @@ def lora_keys(model: nn.Module) -> list[str]:
     return sorted({key for block in model.layers for key, m in block.named_modules() if isinstance(m, SwitchableLoRALinear)})
 
 
-def attach_full(model: nn.Module, cfg: Config) -> None:
+def attach_full(model: nn.Module, cfg: Config) -> Reference:
     """Make every parameter of the last ``num_layers`` blocks trainable (mlx-lm's full fine-tuning).
 
-    The original weights of those blocks are kept as the reference.
+    Returns the reference: the original weights of those blocks.
     """
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         raise ModelError("fine_tune_type full needs an unquantized base: set 'dequantize: true'")
@@ -316,15 +329,14 @@ def attach_full(model: nn.Module, cfg: Config) -> None:
     model.freeze()
     for block in model.layers if cfg.num_layers < 0 else model.layers[-cfg.num_layers:]:
         block.unfreeze()
-    object.__setattr__(model, "_reference_weights", dict(tree_flatten(model.trainable_parameters())))
+    return Reference(model, dict(tree_flatten(model.trainable_parameters())))
 
 
-def attach_trainable(model: nn.Module, cfg: Config) -> None:
-    """LoRA or full fine-tuning, as ``cfg.fine_tune_type`` says."""
+def attach_trainable(model: nn.Module, cfg: Config) -> Reference:
+    """LoRA or full fine-tuning, as ``cfg.fine_tune_type`` says; returns the reference of the policy."""
     if cfg.fine_tune_type == "full":
-        attach_full(model, cfg)
-    else:
-        attach_lora(model, cfg)
+        return attach_full(model, cfg)
+    return attach_lora(model, cfg)
 
 
 def adapter_config(cfg: Config, model_path: Path) -> dict[str, Any]:
@@ -386,11 +398,13 @@ def load_adapter_weights(model: nn.Module, file: str | Path) -> None:
     mx.eval(model.parameters())
 
 
-def load_adapted(model_spec: str, adapter_path: str | None, cfg: Config) -> tuple[nn.Module, Any, Path]:
+def load_adapted(model_spec: str, adapter_path: str | None,
+                 cfg: Config) -> tuple[nn.Module, Any, Path, Reference]:
     """Base model, plus the adapters of ``adapter_path`` with that folder's own settings.
 
-    The reference stays the base without the adapters (LoRA off, or the
-    original weights for a full fine-tune).
+    Returns (model, tokenizer, model folder, reference): the reference stays
+    the base without the adapters (LoRA off, or the original weights for a
+    full fine-tune).
     """
     path = resolve_model(model_spec)
     dequantize = cfg.dequantize
@@ -401,8 +415,9 @@ def load_adapted(model_spec: str, adapter_path: str | None, cfg: Config) -> tupl
             raise ModelError(f"{adapter_path}: no adapter_config.json")
         saved = json.loads(cfg_file.read_text())
         if saved.get("fine_tune_type", "lora") == "full":
-            dequantize = "true"
+            dequantize = Switch.TRUE
     model, tokenizer, _ = load_base(path, dequantize)
+    reference = Reference(model)
     if saved is not None:
         lp = saved.get("lora_parameters") or {}
         adapter_cfg = dataclasses.replace(
@@ -416,6 +431,6 @@ def load_adapted(model_spec: str, adapter_path: str | None, cfg: Config) -> tupl
                 keys=tuple(lp.get("keys") or ()),
             ),
         )
-        attach_trainable(model, adapter_cfg)
+        reference = attach_trainable(model, adapter_cfg)
         load_adapter_weights(model, adapter_path)
-    return model, tokenizer, path
+    return model, tokenizer, path, reference

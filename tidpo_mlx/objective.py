@@ -1,12 +1,12 @@
-"""The training objective on one batch: log-probs, token weights, losses, metrics (SPEC sections 1-6).
+"""The training objective on one batch: log-probs, token weights, losses, metrics (docs/method.md sections 1-6).
 
 A batch stacks the chosen, rejected (and anchor) sequences of B pairs; its
 :class:`~tidpo_mlx.batching.Layout` says which. The policy ``pi`` and the
 reference ``ref`` run from the same input embeddings ``E``; the reference is
-the same model in ``reference_mode``. Logits are computed only at the
+the same model in reference mode (``Runtime.reference``). Logits are computed only at the
 positions that predict response tokens, ``logits_chunk`` of them at a time
 (``logprobs.py``), so the (N, R, V) log-softmax is never materialised. How
-the model runs is the forward's business (``forward.py``).
+the model runs is its runtime's business (``runtime.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import mlx.core as mx
 from tidpo_mlx import losses
 from tidpo_mlx.batching import Layout
 from tidpo_mlx.config import Config
-from tidpo_mlx.forward import Forward
 from tidpo_mlx.importance import attribution, response_weights, span_weights, weights_entropy
 from tidpo_mlx.logprobs import Head, head_parameters, token_logprobs, token_logprobs_kl
-from tidpo_mlx.models import eval_mode, reference_mode
+from tidpo_mlx.models import eval_mode
+from tidpo_mlx.runtime import Runtime
 
 PER_PAIR_KEYS = (
     "loss",
@@ -36,18 +36,18 @@ PER_PAIR_KEYS = (
 """Per-pair arrays :func:`batch_objective` returns (``kl_*`` for tdpo losses only)."""
 
 
-def response_hidden(fwd: Forward, inputs: mx.array, batch: dict[str, mx.array], rows: slice) -> mx.array:
+def response_hidden(rt: Runtime, inputs: mx.array, batch: dict[str, mx.array], rows: slice) -> mx.array:
     """Final hidden states (N, R, D) of the rows ``rows`` at the positions that predict their response tokens.
 
     The logits for response token t come from the position before it; the
     hidden states are gathered there before the LM head.
     """
-    h = fwd.hidden(inputs, batch, rows)
+    h = rt.hidden(inputs, batch, rows)
     return mx.take_along_axis(h, (batch["resp_pos"][rows] - 1)[..., None], axis=1)
 
 
 def response_logprobs(
-    fwd: Forward,
+    rt: Runtime,
     inputs: mx.array,
     batch: dict[str, mx.array],
     rows: slice,
@@ -60,22 +60,22 @@ def response_logprobs(
     With ``reference`` (or ``full``) also ``(log ref(y_t | x, y_<t), KL_t)``:
     the reference's per-token log-probs (no gradient) and, with ``full``, the
     per-token ``KL(ref || pi)`` over the full vocabulary (N, R) whose sum is
-    SPEC section 4's ``KL(y)``; else None. The LM head runs over ``chunk``
+    docs/method.md section 4's ``KL(y)``; else None. The LM head runs over ``chunk``
     response positions at a time (``logprobs.py``; 0: all at once), so the
     (N, R, V) logits are never all alive. Padding positions are 0.
     """
     mask = batch["resp_mask"][rows]
     targets = mx.take_along_axis(batch["tokens"][rows], batch["resp_pos"][rows], axis=1)
-    h = response_hidden(fwd, inputs, batch, rows)
-    head = Head(fwd.logits, fwd.model, head_parameters(fwd.model))
+    h = response_hidden(rt, inputs, batch, rows)
+    head = Head(rt.logits, rt.model, head_parameters(rt.model))
     if not (reference or full):
         return token_logprobs(head, h, targets, chunk) * mask, None
-    with reference_mode(fwd.model):
-        h_ref = mx.stop_gradient(response_hidden(fwd, inputs, batch, rows))
+    with rt.reference():
+        h_ref = mx.stop_gradient(response_hidden(rt, inputs, batch, rows))
 
     def ref_head(x: mx.array) -> mx.array:
-        with reference_mode(fwd.model):
-            return fwd.logits(x)
+        with rt.reference():
+            return rt.logits(x)
 
     if full:
         logp, ref_logp, kl = token_logprobs_kl(head, h, ref_head, h_ref, targets, chunk)
@@ -85,7 +85,7 @@ def response_logprobs(
 
 
 def batch_logprobs(
-    fwd: Forward,
+    rt: Runtime,
     batch: dict[str, mx.array],
     inputs: mx.array,
     layout: Layout,
@@ -100,7 +100,7 @@ def batch_logprobs(
     The per-token KL (if ``full``) is that of the pair rows only.
     """
     outs = [
-        response_logprobs(fwd, inputs[r], batch, r, full and i == 0, chunk, reference or full)
+        response_logprobs(rt, inputs[r], batch, r, full and i == 0, chunk, reference or full)
         for i, r in enumerate(layout.groups)
     ]
     logp = mx.concatenate([o[0] for o in outs])
@@ -109,8 +109,8 @@ def batch_logprobs(
     return logp, (mx.concatenate([o[1][0] for o in outs]), outs[0][1][1])
 
 
-def token_weights(fwd: Forward, cfg: Config, batch: dict[str, mx.array], inputs: mx.array, rows: int) -> dict[str, mx.array]:
-    """The token weights of the first ``rows`` sequences, exactly as the loss uses them (SPEC sections 1-3).
+def token_weights(rt: Runtime, cfg: Config, batch: dict[str, mx.array], inputs: mx.array, rows: int) -> dict[str, mx.array]:
+    """The token weights of the first ``rows`` sequences, exactly as the loss uses them (docs/method.md sections 1-3).
 
     Returns ``importance`` (the attribution I over positions, or None when the
     weighting needs none), ``span_weights`` (w over the span, (rows, L)) and
@@ -119,8 +119,8 @@ def token_weights(fwd: Forward, cfg: Config, batch: dict[str, mx.array], inputs:
     """
     importance = None
     if cfg.uses_attribution:
-        with eval_mode(fwd.model):
-            importance = attribution(fwd, inputs[:rows], batch, slice(0, rows))
+        with eval_mode(rt.model):
+            importance = attribution(rt, inputs[:rows], batch, slice(0, rows))
     span = batch["resp_span" if cfg.weight_span == "response" else "seq_mask"][:rows]
     w_span = span_weights(
         cfg.weighting,
@@ -136,7 +136,7 @@ def token_weights(fwd: Forward, cfg: Config, batch: dict[str, mx.array], inputs:
 
 
 def batch_objective(
-    fwd: Forward, cfg: Config, batch: dict[str, mx.array], layout: Layout
+    rt: Runtime, cfg: Config, batch: dict[str, mx.array], layout: Layout
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Loss ``L = mean over pairs of (L_pref + gamma * L_trip)`` and per-pair/per-batch metrics.
 
@@ -147,15 +147,15 @@ def batch_objective(
     spec = losses.LOSSES[cfg.loss_type]
     mask = batch["resp_mask"]
     m_c, m_r = mask[:b], mask[b: 2 * b]
-    inputs = fwd.embed(batch)
-    logp, ref = batch_logprobs(fwd, batch, inputs, layout, spec.full_kl, cfg.logits_chunk, spec.reference)
+    inputs = rt.embed(batch)
+    logp, ref = batch_logprobs(rt, batch, inputs, layout, spec.full_kl, cfg.logits_chunk, spec.reference)
 
     aux: dict[str, mx.array] = {}
     trip = mx.zeros((b,))
     if spec.reference:
         ref_logp, kl_tokens = ref
         rho = logp - ref_logp
-        w = token_weights(fwd, cfg, batch, inputs, 2 * b)["weights"]
+        w = token_weights(rt, cfg, batch, inputs, 2 * b)["weights"]
         w_c, w_r = w[:b], w[b:]
         rho_c, rho_r = rho[:b], rho[b: 2 * b]
         margin = losses.weighted_sum(rho_c, w_c, m_c) - losses.weighted_sum(rho_r, w_r, m_r)
@@ -187,6 +187,6 @@ def batch_objective(
         loss_triplet=trip,
         logp_chosen=sums[:b],
         logp_rejected=sums[b: 2 * b],
-        ntoks=fwd.token_count(batch, layout),
+        ntoks=rt.token_count(batch, layout),
     )
     return per_pair.mean(), aux

@@ -2,7 +2,9 @@
 
 ``config_options`` gives ``train`` one flag per Config key (``--lora-rank``
 etc. for ``lora_parameters``); ``config_options(keys)`` gives ``eval`` and
-``importance`` the flags of the keys that change what they compute. A
+``importance`` the flags of the keys that change what they compute. Each
+flag's ``[default: ...]`` is the Config default, what a run with no recipe
+and no flags uses (a recipe's keys win over it). A
 :class:`~tidpo_mlx.errors.TidpoError` prints as one line (``--debug``: the
 traceback); any other exception keeps its traceback.
 """
@@ -40,12 +42,13 @@ def _option_for(name: str, hint: Any, help_text: str) -> Callable:
     return click.option(flag, name, type={int: int, float: float}.get(hint, str), default=None, help=help_text)
 
 
-def _shown(default: Any) -> Any:
-    return ",".join(default) if isinstance(default, tuple) else default
+def shown(value: Any) -> str:
+    """A config value as ``--help`` and ``--dry-run`` print it (a list as ``a,b``, as its flag takes it)."""
+    return ",".join(value) if isinstance(value, (tuple, list)) else str(value)
 
 
 def config_options(keys: Sequence[str] | None = None) -> Callable[[Callable], Callable]:
-    """A decorator adding one flag per Config key (every key, or only ``keys``, recipe defaults shown)."""
+    """A decorator adding one flag per Config key (every key, or only ``keys``), each with its default."""
     hints = typing.get_type_hints(Config)
     fields = [f for f in dataclasses.fields(Config) if f.name != "lora_parameters"]
     if keys is not None:
@@ -55,11 +58,10 @@ def config_options(keys: Sequence[str] | None = None) -> Callable[[Callable], Ca
         if keys is None:
             lora_hints = typing.get_type_hints(LoRAParameters)
             for f in reversed(dataclasses.fields(LoRAParameters)):
-                text = f"LoRA: {f.metadata['help']} [default: {_shown(f.default)}]"
+                text = f"LoRA: {f.metadata['help']} [default: {shown(f.default)}]"
                 func = _option_for(f"lora_{f.name}", lora_hints[f.name], text)(func)
         for f in reversed(fields):
-            suffix = f"[default: {_shown(f.default)}]" if keys is None else "[recipe default]"
-            func = _option_for(f.name, hints[f.name], f"{f.metadata['help']} {suffix}")(func)
+            func = _option_for(f.name, hints[f.name], f"{f.metadata['help']} [default: {shown(f.default)}]")(func)
         return func
 
     return decorate

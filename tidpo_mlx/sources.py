@@ -9,7 +9,7 @@ which also works offline from the hub cache). Files are ``.jsonl``,
 own reader) and ``source:split:row N`` for parquet and Arrow data.
 
 Nothing here looks inside a row beyond "is it a JSON object": formats are
-``data.py``'s job. Problems that belong to one row (malformed JSON, invalid
+``data/formats.py``'s job. Problems that belong to one row (malformed JSON, invalid
 UTF-8 on a line) are returned as :class:`Problem` s so that loading can
 report all of them at once; problems with a whole file raise ``DataError``.
 """
@@ -54,13 +54,13 @@ def position(where: str) -> tuple[str, int]:
 
 
 @dataclass
-class Rows:
+class SplitRows:
     """The rows of one split, and the rows that could not be read as JSON objects."""
 
     rows: list[Row] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
-    def extend(self, other: "Rows") -> None:
+    def extend(self, other: "SplitRows") -> None:
         self.rows += other.rows
         self.problems += other.problems
 
@@ -70,7 +70,7 @@ class Source:
     """What ``--data`` named: its rows by split (``valid`` may be absent) and how it was found."""
 
     name: str
-    splits: dict[str, Rows]
+    splits: dict[str, SplitRows]
     kind: str
     """``folder``, ``file``, ``save_to_disk``, ``hub`` or ``bundled``."""
 
@@ -119,10 +119,10 @@ def _parse_line(where: str, line: bytes) -> dict[str, Any] | Problem:
     return row
 
 
-def _json_array(path: Path, text: str) -> Rows:
+def _json_array(path: Path, text: str) -> SplitRows:
     """The objects of a JSON array, each with the ``file:line`` where it starts."""
     decoder = json.JSONDecoder()
-    out = Rows()
+    out = SplitRows()
     pos = text.index("[") + 1
     line, counted = 1, 0
     while True:
@@ -144,10 +144,10 @@ def _json_array(path: Path, text: str) -> Rows:
     return out
 
 
-def read_json_file(path: Path) -> Rows:
+def read_json_file(path: Path) -> SplitRows:
     """Rows of a ``.jsonl`` / ``.json`` file (gzipped when named ``*.gz``): JSON lines or one JSON array."""
     raw = _file_bytes(path)
-    out = Rows()
+    out = SplitRows()
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if head == b"[":
         try:
@@ -177,12 +177,12 @@ def read_jsonl(path: Path) -> list[Row]:
     return read.rows
 
 
-def _arrow_rows(name: str, split: str, table: Any) -> Rows:
+def _arrow_rows(name: str, split: str, table: Any) -> SplitRows:
     """Rows of a ``datasets.Dataset`` (or anything iterable of dicts) as ``name:split:row N``."""
-    return Rows([(f"{name}:{split}:row {i}", dict(row)) for i, row in enumerate(table)])
+    return SplitRows([(f"{name}:{split}:row {i}", dict(row)) for i, row in enumerate(table)])
 
 
-def read_parquet(paths: list[Path], name: str, split: str) -> Rows:
+def read_parquet(paths: list[Path], name: str, split: str) -> SplitRows:
     """Rows of parquet files read with ``datasets``' parquet builder."""
     datasets = _datasets()
     try:
@@ -202,7 +202,7 @@ def _datasets() -> Any:
     return datasets
 
 
-def read_file(path: Path, split: str) -> Rows:
+def read_file(path: Path, split: str) -> SplitRows:
     """Rows of one data file, by its suffix."""
     suffix = _suffix(path)
     if suffix == ".parquet":
@@ -222,7 +222,7 @@ def _data_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def read_folder(folder: Path, name: str) -> dict[str, Rows]:
+def read_folder(folder: Path, name: str) -> dict[str, SplitRows]:
     """Rows by split of the data files in ``folder``, assigned by name (``train*``, ``valid*``/``validation*``, ``test*``)."""
     by_split: dict[str, list[Path]] = {}
     for path in _data_files(folder):
@@ -232,14 +232,14 @@ def read_folder(folder: Path, name: str) -> dict[str, Rows]:
     return read_split_files(by_split, name)
 
 
-def read_split_files(by_split: dict[str, list[Path]], name: str) -> dict[str, Rows]:
+def read_split_files(by_split: dict[str, list[Path]], name: str) -> dict[str, SplitRows]:
     """Rows by split of the given files (parquet through ``datasets``, JSON through our reader)."""
     if not by_split.get("train"):
         raise DataError(f"{name}: no train file (expected train.jsonl, train.jsonl.gz, train.json or "
                         "train.parquet; valid/validation and test are optional)")
     splits = {}
     for split, paths in by_split.items():
-        rows = Rows()
+        rows = SplitRows()
         parquet = [p for p in paths if _suffix(p) == ".parquet"]
         if parquet:
             rows.extend(read_parquet(parquet, name, split))
@@ -250,7 +250,7 @@ def read_split_files(by_split: dict[str, list[Path]], name: str) -> dict[str, Ro
     return splits
 
 
-def read_save_to_disk(folder: Path) -> dict[str, Rows]:
+def read_save_to_disk(folder: Path) -> dict[str, SplitRows]:
     """Rows by split of a folder written by ``datasets``' ``save_to_disk`` (a DatasetDict or one Dataset)."""
     datasets = _datasets()
     try:
@@ -337,7 +337,7 @@ def config_split_files(folder: Path, configs: list[dict[str, Any]], config: str 
     return out
 
 
-def read_hub(repo_id: str, config: str | None = None, split_names: dict[str, str | None] | None = None) -> dict[str, Rows]:
+def read_hub(repo_id: str, config: str | None = None, split_names: dict[str, str | None] | None = None) -> dict[str, SplitRows]:
     """Rows by split of a Hub dataset, fetched with ``snapshot_download(repo_type="dataset")``.
 
     A dataset card whose YAML header has ``configs:`` is read as ``datasets``

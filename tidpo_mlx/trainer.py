@@ -1,6 +1,7 @@
 """The training loop: compiled step, accumulation, clipping, eval, checkpoints, resume.
 
-:func:`prepare` loads everything a run needs into a :class:`Run`;
+:func:`load_run` loads everything a run needs into a :class:`Run` (its
+model as a :class:`~tidpo_mlx.runtime.Runtime` from the backend registry);
 :func:`train` is the loop. Randomness is a function of (seed, step): batch
 order, dropout and random weights are reseeded per micro-batch and anchors
 per step, so a resumed run repeats an uninterrupted one.
@@ -8,12 +9,10 @@ per step, so a resumed run repeats an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -26,25 +25,26 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
+from tidpo_mlx import backend
 from tidpo_mlx.anchors import AnchorSource, anchor_origins
 from tidpo_mlx.batching import Layout, batch_order, collate, iterate_batches
 from tidpo_mlx.checkpoint import (
-    Existing, check_resume, checkpoint_dirs, clear_earlier_run, fingerprint, load_checkpoint, output_folder,
+    Existing, check_resume, checkpoint_dirs, claim_output, clear_earlier_run, fingerprint, load_checkpoint,
     restore_checkpoint, save_checkpoint, set_aside_newer,
 )
-from tidpo_mlx.config import Config, save_config
+from tidpo_mlx.config import Config, Switch, save_config
 from tidpo_mlx.data import Dataset, Example, PairEncoder, load_dataset
 from tidpo_mlx.errors import TrainingError
 from tidpo_mlx.evaluation import HeldOut, pad_id_of
-from tidpo_mlx.files import atomic_write_text
-from tidpo_mlx import memory
-from tidpo_mlx.forward import Forward, make_forward
-from tidpo_mlx.metrics import MetricsLog, all_finite, pair_metrics, peak_memory_gb
+from tidpo_mlx.files import FileLock, atomic_write_text
+from tidpo_mlx import memory, memory_guard, reporting
+from tidpo_mlx.interrupts import Interrupted, StopRequest, Stopped, check
+from tidpo_mlx.metrics import MemoryReadings, MetricsLog, all_finite, pair_metrics
 from tidpo_mlx.models import (
-    adapter_config, attach_trainable, load_adapter_weights, load_base, load_tokenizer, on_cpu, resolve_model,
-    save_adapters,
+    adapter_config, attach_trainable, load_adapter_weights, load_base, load_tokenizer, resolve_model, save_adapters,
 )
 from tidpo_mlx.objective import batch_objective
+from tidpo_mlx.runtime import RowLayout, Runtime
 from tidpo_mlx.seeds import MICRO_BATCH, derive_seed
 
 
@@ -94,31 +94,30 @@ def build_optimizer(cfg: Config) -> optim.Optimizer:
     return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
 
 
-def compile_steps(fwd: Forward, cfg: Config, opt: optim.Optimizer) -> tuple[Callable, Callable]:
+def compile_steps(rt: Runtime, cfg: Config, opt: optim.Optimizer) -> tuple[Callable, Callable]:
     """The compiled micro-step ``(batch, layout) -> (loss, aux, grads)`` and update ``grads -> None``.
 
     The micro-step differentiates ``batch_objective`` with respect to the
     trainable (LoRA) parameters, compiled once per layout (with and without
     anchor rows); the update clips the global norm to ``max_grad_norm`` and
-    applies the optimizer.
+    applies the optimizer. Both compile with the runtime's state
+    (:meth:`~tidpo_mlx.runtime.Runtime.compile`).
     """
-    model = fwd.model
-    reference = model.__dict__.get("_reference_weights", {})
+    model = rt.model
     compiled: dict[Layout, Callable] = {}
 
     def grad_step(batch: dict[str, mx.array], layout: Layout) -> tuple[mx.array, dict[str, mx.array], Any]:
         if layout not in compiled:
-            value_and_grad = nn.value_and_grad(model, lambda b: batch_objective(fwd, cfg, b, layout))
+            value_and_grad = nn.value_and_grad(model, lambda b: batch_objective(rt, cfg, b, layout))
 
-            @partial(mx.compile, inputs=[model.state, mx.random.state, reference], outputs=[model.state, mx.random.state])
             def step(b: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array], Any]:
                 (loss, aux), grads = value_and_grad(b)
                 return loss, aux, grads
 
-            compiled[layout] = step
+            compiled[layout] = rt.compile(step)
         return compiled[layout](batch)
 
-    @partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
+    @partial(rt.compile, state=[opt.state])
     def apply_step(grads: Any) -> None:
         if cfg.max_grad_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -131,69 +130,15 @@ def _global_norm(grads: Any) -> mx.array:
     return mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
 
 
-class Interrupted(TrainingError):
-    """Ctrl-C or SIGTERM stopped the run after a completed step, which was checkpointed."""
-
-    def __init__(self, signal_name: str, step: int, iters: int, checkpoint: Path, folder: Path):
-        self.summary = f"stopped by {signal_name} after step {step} of {iters}; checkpoint {checkpoint}"
-        super().__init__(f"{self.summary}; continue with --resume {checkpoint.name} --adapter-path {folder}")
-        self.signal_name, self.step, self.checkpoint, self.folder = signal_name, step, checkpoint, folder
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process that signal ended (130 Ctrl-C, 143 SIGTERM)."""
-        return 128 + (signal.SIGINT if self.signal_name == "SIGINT" else signal.SIGTERM)
-
-
-class StopRequest:
-    """Ctrl-C and SIGTERM ask the loop to stop after the current step; a second one exits at once.
-
-    Python runs signal handlers only between MLX evaluations, so the first
-    signal only sets a flag that the loop reads after each step; the second
-    calls ``os._exit`` (the last complete checkpoint stays, every file being
-    written atomically). Handlers are installed only in the main thread and
-    restored on exit.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, log: Callable[[str], None]):
-        self.log = log
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:
-            os._exit(128 + signum)
-        self.signal_name = signal.Signals(signum).name
-        self.log(f"\n{self.signal_name}: stopping after this step and writing a checkpoint (again: quit at once)")
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def agreed(self, world: Any) -> bool:
-        """Whether any rank was asked to stop: an ``all_sum`` of the flags, so every rank stops at one step."""
-        asked = self.signal_name is not None
-        if world.size() > 1:
-            return mx.distributed.all_sum(mx.array(int(asked)), stream=mx.cpu).item() > 0
-        return asked
-
-
 @dataclass
 class Run:
-    """Everything a training run needs, loaded by :func:`prepare`."""
+    """Everything a training run needs, loaded by :func:`load_run`."""
 
     cfg: Config
     world: Any
     out: Path
     model_path: Path
-    fwd: Forward
+    rt: Runtime
     tokenizer: Any
     data: Dataset
     encoder: PairEncoder
@@ -204,6 +149,9 @@ class Run:
     fingerprint: dict[str, Any]
     metrics: MetricsLog | None
     log: Callable[[str], None]
+    memory: MemoryReadings
+    lock: FileLock | None
+    """Rank 0's lock on ``out``, held until :meth:`close`."""
 
     @property
     def lead(self) -> bool:
@@ -211,14 +159,23 @@ class Run:
         return self.world.rank() == 0
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append a record to ``metrics.jsonl`` (rank 0)."""
+        """Append a record to ``metrics.jsonl`` and the ``report_to`` reporters (rank 0)."""
         if self.metrics is not None:
             self.metrics.write(record)
+
+    def close(self) -> None:
+        """Finish the reporters and release the output folder's lock."""
+        try:
+            if self.metrics is not None:
+                self.metrics.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def save(self, step: int) -> Path:
         """Checkpoint this step (rank 0 writes; every rank gets the path)."""
         if self.lead:
-            save_checkpoint(self.out, step, self.fwd.model, self.opt, self.adapter_config, self.cfg.save_total_limit,
+            save_checkpoint(self.out, step, self.rt.model, self.opt, self.adapter_config, self.cfg.save_total_limit,
                             self.fingerprint)
         return self.out / "checkpoints" / f"step-{step:06d}"
 
@@ -233,27 +190,44 @@ class Run:
         return [next(ahead) for _ in range(count)]
 
 
-def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse", force: bool = False,
-            log: Callable[[str], None] = print) -> Run:
+def load_run(cfg: Config, resume: str | None = None, existing: Existing = "refuse", force: bool = False,
+             log: Callable[[str], None] = print) -> Run:
     """Check the output folder, data and (with ``resume``) the checkpoint, then load weights and optimizer.
 
     Everything a user can get wrong is checked before the weights load: the
-    output folder (:func:`~tidpo_mlx.checkpoint.output_folder` with
-    ``existing``), the data (encoded with the tokenizer alone) and, with
-    ``resume`` (``""``: the newest checkpoint, or a checkpoint's name), the
-    checkpoint's files and fingerprint (``force``: go on when keys differ).
+    ``report_to`` packages, the output folder (claimed and locked by
+    :func:`~tidpo_mlx.checkpoint.claim_output` with ``existing``; the
+    returned :class:`Run` holds the lock until :meth:`Run.close`), the data
+    (encoded with the tokenizer alone) and, with ``resume`` (``""``: the
+    newest checkpoint, or a checkpoint's name), the checkpoint's files and
+    fingerprint (``force``: go on when keys differ).
     """
     world = mx.distributed.init()
     if cfg.batch_size % world.size():
         raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {world.size()} ranks")
+    reporters = reporting.require(cfg.report_to)
     lead = world.rank() == 0
     if not lead:
         log = lambda message: None  # noqa: E731
-    named = Path(cfg.adapter_path)
-    out = named if resume is not None or not lead else output_folder(named, existing)
-    if out != named:
-        log(f"{named} holds an earlier run; this run writes to {out}")
-    cfg = dataclasses.replace(cfg, adapter_path=str(out))
+    named, lock = Path(cfg.adapter_path), None
+    out = named
+    if lead:
+        out, lock, note = claim_output(named, existing, resume is not None)
+        if note:
+            log(note)
+    try:
+        return _load(dataclasses.replace(cfg, adapter_path=str(out)), world, out, lock, reporters, resume, existing,
+                     force, log)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _load(cfg: Config, world: Any, out: Path, lock: FileLock | None, reporters: list[str], resume: str | None,
+          existing: Existing, force: bool, log: Callable[[str], None]) -> Run:
+    """:func:`load_run` once the output folder is claimed."""
+    lead = world.rank() == 0
     mx.random.seed(cfg.seed)
 
     model_path = resolve_model(cfg.model)
@@ -266,7 +240,7 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
     )
     for note in data.notes:
         log(f"  {note}")
-    run_keys = fingerprint(cfg, data.train)
+    run_keys = fingerprint(cfg, data.train, data.valid)
     ckpt = None
     if lead and resume is not None:
         ckpt = load_checkpoint(out, resume, log)
@@ -277,18 +251,17 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
             log(note)
         out.mkdir(parents=True, exist_ok=True)
 
-    dequantize = "true" if cfg.fine_tune_type == "full" else cfg.dequantize
-    model, _, notes = load_base(model_path, dequantize)
-    fwd, forward_notes = make_forward(model, cfg, str(model_path))
-    attach_trainable(model, cfg)
+    model, _, notes = load_base(model_path, Switch.TRUE if cfg.fine_tune_type == "full" else cfg.dequantize)
+    reference = attach_trainable(model, cfg)
     if cfg.resume_adapter_file:
         load_adapter_weights(model, cfg.resume_adapter_file)
-    recompute, recompute_note = grad_checkpoint(cfg, fwd, data.train, world.size())
-    if recompute:
-        fwd = fwd.whole_rows()
+    rt = backend.select(model, cfg, str(model_path), reference)
+    recompute = grad_checkpoint(rt, cfg, data.train, world.size())
+    if recompute.on:
+        rt = rt.whole_rows()
         memory.recompute_blocks(model)
     log(f"model: {cfg.model} -> {model_path}")
-    for note in notes + forward_notes + [recompute_note]:
+    for note in notes + rt.notes + [recompute.note]:
         log(f"  {note}")
     opt = build_optimizer(cfg)
     opt.init(model.trainable_parameters())
@@ -296,7 +269,9 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
     metrics = None
     if lead:
         save_config(cfg, out / "config.yaml")
-        metrics = MetricsLog(out / "metrics.jsonl", keep_until=start if resume is not None else None, log=log)
+        sinks = reporting.open_sinks(reporters, out, cfg.project_name, cfg.to_dict(), start, log)
+        metrics = MetricsLog(out / "metrics.jsonl", keep_until=start if resume is not None else None, log=log,
+                             sinks=sinks)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     resumed = f" (from {ckpt.path})" if ckpt is not None else ""
     log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}{resumed}")
@@ -308,34 +283,31 @@ def prepare(cfg: Config, resume: str | None = None, existing: Existing = "refuse
     if world.size() > 1:
         log(f"distributed: {world.size()} ranks, each {cfg.batch_size // world.size()} of the {cfg.batch_size} pairs of a batch")
     return Run(
-        cfg, world, out, model_path, fwd, tokenizer, data, PairEncoder(tokenizer, cfg), pad_id_of(tokenizer),
-        opt, start, adapter_config(cfg, model_path), run_keys, metrics, log,
+        cfg, world, out, model_path, rt, tokenizer, data, PairEncoder(tokenizer, cfg), pad_id_of(tokenizer),
+        opt, start, adapter_config(cfg, model_path), run_keys, metrics, log, MemoryReadings(log), lock,
     )
 
 
-def grad_checkpoint(cfg: Config, fwd: Forward, train: list[Example], ranks: int) -> tuple[bool, str]:
-    """Whether to recompute blocks (``memory.decide``) for the largest micro-step of the run, and the log line.
+def grad_checkpoint(rt: Runtime, cfg: Config, train: list[Example], ranks: int) -> memory.Checkpointing:
+    """Whether to recompute blocks (``memory.decide``) for the largest micro-step of the run, as ``rt`` runs it.
 
     Called with the trainable weights attached (their optimizer state counts).
     The micro-steps are known before training: the length-sorted batches of
     ``batch_order`` (an epoch only reorders them), each rank's share of one.
     Recomputation runs whole rows (the shared prefix would recompute the
-    prompt pass apart from its keys), which the log line says, so ``auto``
-    stays off under ``shared_prefix: true``.
+    prompt pass apart from its keys), so ``auto`` stays off under
+    ``shared_prefix: true``.
     """
-    shared = fwd.kind == "shared-prefix"
+    facts, model = rt.facts, rt.model
+    shared = facts.layout is RowLayout.SHARED_PREFIX
     rows = 3 if cfg.triplet_on else 2
-    blocks = memory.backward_blocks(fwd.model, cfg.num_layers, cfg.uses_attribution)
-    plain = on_cpu() and cfg.plain_attention != "false"
     micro = [[train[i] for i in idx[rank::ranks]]
              for idx in batch_order(train, cfg.batch_size, cfg.seed, 0) for rank in range(ranks)]
     extent = max((memory.Extent.of(m, rows, shared) for m in micro if m),
-                 key=lambda e: memory.activation_bytes(fwd.model, blocks, e, plain))
-    trainable = sum(v.nbytes for _, v in tree_flatten(fwd.model.trainable_parameters()))
-    on, note = memory.decide(cfg.grad_checkpoint, fwd.model, blocks, extent, plain, trainable)
-    if on and shared and cfg.shared_prefix == "true":
-        return False, note.replace("auto: on", "auto: off", 1) + "; kept off for shared_prefix: true"
-    return on, note + ("; whole rows instead of the shared prefix" if on and shared else "")
+                 key=lambda e: memory.activation_bytes(model, facts.backward_blocks, e, facts.score_matrix))
+    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    return memory.decide(cfg.grad_checkpoint, model, facts, extent, trainable,
+                         keep_shared_prefix=cfg.shared_prefix is Switch.TRUE)
 
 
 def optimizer_step(run: Run, step: int, micro_batches: Iterator[list[Example]], anchors: AnchorSource,
@@ -350,8 +322,9 @@ def optimizer_step(run: Run, step: int, micro_batches: Iterator[list[Example]], 
         sources.append(f"{examples[0].source}..")
         sampled = anchors.for_batch(step, micro, examples) if cfg.triplet_on else None
         mx.random.seed(derive_seed(cfg.seed, micro, MICRO_BATCH))
-        loss, aux, g = grad_step(*run.fwd.prepare(collate(examples, run.pad_id, sampled)))
+        loss, aux, g = grad_step(*run.rt.layout_batch(collate(examples, run.pad_id, sampled)))
         mx.eval(loss, aux, g)
+        check()
         grads = g if grads is None else tree_map(mx.add, grads, g)
         ntoks = ntoks + aux.pop("ntoks")
         pairs.append(aux)
@@ -372,11 +345,10 @@ def optimizer_step(run: Run, step: int, micro_batches: Iterator[list[Example]], 
             f"nothing saved for this step, {kept}"
         )
     apply_step(grads)
-    mx.eval(run.fwd.model.parameters(), run.opt.state)
+    mx.eval(run.rt.model.parameters(), run.opt.state)
     dt = time.perf_counter() - tic
     record.update(
         step=step, grad_norm=norm, lr=run.opt.learning_rate.item(), tokens_per_s=ntoks.item() / dt, step_time=dt,
-        peak_memory_gb=peak_memory_gb(),
     )
     return record
 
@@ -397,65 +369,99 @@ def train(
     a name (``step-000040``) from that one; ``force`` continues one written
     with other settings. ``on_step(step, metrics)`` is called after every
     optimizer step (before that step's eval and checkpoint), like mlx-lm's
-    training callback. Ctrl-C or SIGTERM checkpoints the step in progress
-    and raises :class:`Interrupted`.
+    training callback. Ctrl-C or SIGTERM anywhere (a step, a held-out pass,
+    anchor sampling, the first step's compilation) checkpoints the last
+    finished step and raises :class:`~tidpo_mlx.interrupts.Interrupted`.
     """
-    run = prepare(cfg, resume, existing, force, log)
-    cfg, log, model = run.cfg, run.log, run.fwd.model
-    t = time.perf_counter()
-    held_out = HeldOut(run.fwd, cfg, run.data.valid, run.pad_id, run.world)
-    evaluate = held_out.pairs > 0
-    if not evaluate:
-        log(f"held-out: skipped (val_batches {cfg.val_batches}: no held-out pairs evaluated)")
-    before = None
-    if run.start == 0 and evaluate:
-        before = held_out(policy_is_reference=not cfg.resume_adapter_file)
-        log(f"held-out before ({held_out.pairs} pairs, {time.perf_counter() - t:.1f} s): {_fmt(before)}")
-        run.write({"step": 0, "split": "valid", **before})
-    grad_step, apply_step = compile_steps(run.fwd, cfg, run.opt)
-    micro_batches = run.batches(run.start * cfg.grad_accumulation_steps)
-    anchors = AnchorSource(model, run.tokenizer, run.encoder, cfg, run.upcoming)
-    bar = _progress(cfg.iters, run.start, progress and run.lead)
-    t_train = time.perf_counter()
-    was_training = model.training
-    model.train()
+    run = load_run(cfg, resume, existing, force, log)
     try:
-        with StopRequest(log) as stop:
+        with StopRequest(run.log, run.world) as stop:
+            return _train(run, stop, progress, on_step)
+    finally:
+        run.close()
+
+
+def _train(run: Run, stop: StopRequest, progress: bool,
+           on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+    """:func:`train` on a loaded run: held-out pass, the steps, held-out pass, the adapters."""
+    cfg, model = run.cfg, run.rt.model
+    held_out = HeldOut(run.rt, cfg, run.data.valid, run.pad_id, run.world)
+    done = saved = run.start  # the last finished step, and the last one checkpointed
+    bar = _progress(cfg.iters, run.start, progress and run.lead)
+    try:
+        before = _held_out(run, held_out, 0, "before") if run.start == 0 else None
+        grad_step, apply_step = compile_steps(run.rt, cfg, run.opt)
+        micro_batches = run.batches(run.start * cfg.grad_accumulation_steps)
+        anchors = AnchorSource(model, run.tokenizer, run.encoder, cfg, run.upcoming)
+        t_train = time.perf_counter()
+        with train_mode(model):
             for step in range(run.start + 1, cfg.iters + 1):
                 record = optimizer_step(run, step, micro_batches, anchors, grad_step, apply_step)
-                run.write(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(step, record)
-                if evaluate and cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
-                    val = held_out()
-                    run.write({"step": step, "split": "valid", **val})
-                    log(f"step {step} held-out: {_fmt(val)}")
-                due = (cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters
-                checkpoint = run.save(step) if due else None
+                record.update(run.memory())
+                memory_guard.after_step(cfg.clear_cache_threshold)
+                done = step
+                _report(run, bar, step, record, on_step)
+                if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
+                    _held_out(run, held_out, step, f"step {step}")
+                if (cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters:
+                    run.save(step)
+                    saved = step
                 if stop.agreed(run.world):
-                    checkpoint = checkpoint or run.save(step)
-                    raise Interrupted(stop.signal_name or "another rank's signal", step, cfg.iters, checkpoint, run.out)
+                    raise Stopped(stop.signal_name or "another rank's signal")
+        seconds = time.perf_counter() - t_train
+        after = _held_out(run, held_out, cfg.iters, "after")
+    except Stopped as stopped:
+        if done > saved:
+            run.save(done)
+        checkpoint = run.out / "checkpoints" / f"step-{done:06d}" if done else None
+        raise Interrupted(stopped.signal_name, done, cfg.iters, checkpoint, run.out) from None
     finally:
-        model.train(was_training)
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t_train
-    t = time.perf_counter()
-    after = None
-    if evaluate:
-        after = held_out()
-        run.write({"step": cfg.iters, "split": "valid", **after})
-        log(f"held-out after ({time.perf_counter() - t:.1f} s): {_fmt(after)}")
     if run.lead:
         save_adapters(model, run.out, run.adapter_config)
         summary = {"before": before, "after": after, "train_seconds": seconds, "ranks": run.world.size(),
                    "data": run.data.summary()}
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
     return TrainResult(run.out, run.model_path, cfg.iters, seconds, before, after)
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module) -> Iterator[None]:
+    """Run this block with the model in training mode (dropout on); its earlier mode comes back after."""
+    training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def _held_out(run: Run, held_out: HeldOut, step: int, when: str) -> dict[str, float] | None:
+    """One held-out pass (``None`` when ``val_batches`` leaves no pairs, said once, before the first step)."""
+    if held_out.pairs == 0:
+        if when == "before":
+            run.log(f"held-out: skipped (val_batches {run.cfg.val_batches}: no held-out pairs evaluated)")
+        return None
+    tic = time.perf_counter()
+    metrics = held_out(policy_is_reference=not run.cfg.resume_adapter_file) if when == "before" else held_out()
+    run.write({"step": step, "split": "valid", **metrics})
+    pairs = f"{held_out.pairs} pairs, " if when == "before" else ""
+    run.log(f"held-out {when} ({pairs}{time.perf_counter() - tic:.1f} s): {_fmt(metrics)}")
+    return metrics
+
+
+def _report(run: Run, bar: Any, step: int, record: dict[str, float],
+            on_step: Callable[[int, dict[str, float]], None] | None) -> None:
+    """A step's record to ``metrics.jsonl`` and the reporters, the progress bar and ``on_step``."""
+    run.write(record)
+    if bar is not None:
+        shown = "memory/rss_gb" if "memory/rss_gb" in record else "memory/active_gb"
+        bar.set_postfix({"loss": f"{record['loss']:.4f}", "acc": f"{record['rewards/accuracies']:.2f}",
+                         "tok_s": f"{record['tokens_per_s']:.0f}", shown.split("/")[1]: f"{record[shown]:.2f}"})
+        bar.update(1)
+    if on_step is not None:
+        on_step(step, record)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -1,4 +1,4 @@
-"""Token weights made visible: a terminal heat map (ANSI 256 colours) and a self-contained HTML page.
+"""Token weights made visible: a terminal heat map (ANSI 256 colours) and self-contained HTML pages.
 
 Both colour each response token by the weight the loss multiplies it with,
 on a square-root scale from the lowest to the highest weight of the shown tokens of that
@@ -7,6 +7,8 @@ position), which would wash out every other token: ``hide_template`` hides
 the chat-template tokens (``<|im_end|>``, the trailing newline) and takes the
 scale over the response text only, and the terminal view lists each
 response's top weights so both the template peak and the next peaks show.
+One page builder (:func:`page`, :func:`pair_section`, :func:`response_column`)
+draws the importance view (:func:`html_page`) and the audit's report.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def _rgb(level: float) -> str:
     return f"rgb({r:.0f},{g:.0f},{b:.0f})"
 
 
-def _html_tokens(resp: dict[str, Any], hide_template: bool) -> str:
+def token_spans(resp: dict[str, Any], hide_template: bool) -> str:
+    """A response's tokens as HTML spans coloured by weight, the token's numbers in the hover text."""
     shown = _shown(resp, hide_template)
     levels = scaled(resp["weights"], shown)
     template = resp.get("template") or [False] * len(shown)
@@ -126,29 +129,30 @@ def _html_tokens(resp: dict[str, Any], hide_template: bool) -> str:
     return "".join(spans)
 
 
-def html_page(records: Sequence[dict[str, Any]], label: str, title: str, hide_template: bool = False) -> str:
-    """A self-contained HTML page: per pair, chosen and rejected side by side, tokens coloured
-    by weight, the numbers on hover, a legend naming the weighting."""
-    scope = "the response text (template tokens hidden)" if hide_template else "all response tokens"
+SCALE_BAR = '<span class="bar"></span>'
+"""The colour scale, low to high, as drawn in a page's legend."""
+
+
+def response_column(key: str, note: str, resp: dict[str, Any], hide_template: bool = False, extra: str = "") -> str:
+    """One response of a pair: its name, a note, the coloured tokens, then ``extra`` (HTML)."""
+    return (f'<div class="col"><h3>{html.escape(key)} <small>{html.escape(note)}</small></h3>'
+            f'<p class="tokens">{token_spans(resp, hide_template)}</p>{extra}</div>')
+
+
+def pair_section(heading: str, note: str, prompt: str, columns: Sequence[str]) -> str:
+    """One pair: a heading with a note, the prompt, the response columns side by side."""
+    return (f'<section><h2>{html.escape(heading)} <small>{html.escape(note)}</small></h2>'
+            f'<p class="prompt">{html.escape(prompt)}</p><div class="cols">{"".join(columns)}</div></section>')
+
+
+def page(title: str, legend: str, sections: Sequence[str]) -> str:
+    """A self-contained HTML page (no external resources): the title, the ``legend`` box and the
+    :func:`pair_section` s; ``legend`` is HTML and may draw :data:`SCALE_BAR`."""
     gradient = ", ".join(_rgb(i / 10) for i in range(11))
-    sections = []
-    for rec in records:
-        cols = []
-        for key in ("chosen", "rejected"):
-            resp = rec[key]
-            cols.append(
-                f'<div class="col"><h3>{key} <small>{len(resp["tokens"])} tokens, '
-                f'sum of weights {sum(resp["weights"]):.4g}</small></h3>'
-                f'<p class="tokens">{_html_tokens(resp, hide_template)}</p></div>'
-            )
-        sections.append(
-            f'<section><h2>#{rec["index"]} <small>{html.escape(rec.get("source", ""))}</small></h2>'
-            f'<p class="prompt">{html.escape(rec["prompt"])}</p><div class="cols">{"".join(cols)}</div></section>'
-        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 90em; }}
 .legend {{ background: #f6f6f6; padding: .8em 1em; border-radius: 6px; }}
 .bar {{ display: inline-block; width: 16em; height: 1em; vertical-align: middle;
        background: linear-gradient(to right, {gradient}); border: 1px solid #ccc; }}
@@ -159,13 +163,29 @@ section {{ border-top: 1px solid #ddd; margin-top: 1.2em; }}
 .t {{ padding: 2px 0; border-radius: 2px; }}
 .t:hover {{ outline: 2px solid #333; }}
 .tpl {{ font-style: italic; }}
-h2 small, h3 small {{ font-weight: normal; color: #777; }}
+.chip {{ font-family: ui-monospace, monospace; padding: 1px 4px; border-radius: 3px; }}
+small {{ font-weight: normal; color: #666; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<div class="legend"><p><b>Weights</b>: {html.escape(label)}.</p>
-<p>Colour: the weight the loss multiplies each response token's log-ratio by, per response from its
-lowest to its highest weight over {scope} (square-root scale): low <span class="bar"></span> high.
-Template tokens are in italics. Hover a token for its id, raw attribution, prior and weight.</p></div>
+<div class="legend">{legend}</div>
 {"".join(sections)}
 </body></html>
 """
+
+
+def html_page(records: Sequence[dict[str, Any]], label: str, title: str, hide_template: bool = False) -> str:
+    """The importance view: per pair, chosen and rejected side by side, tokens coloured by weight, the
+    numbers on hover, a legend naming the weighting (:func:`page`)."""
+    scope = "the response text (template tokens hidden)" if hide_template else "all response tokens"
+    sections = [
+        pair_section(f"#{rec['index']}", rec.get("source", ""), rec["prompt"], [
+            response_column(key, f"{len(rec[key]['tokens'])} tokens, sum of weights {sum(rec[key]['weights']):.4g}",
+                            rec[key], hide_template)
+            for key in ("chosen", "rejected")])
+        for rec in records
+    ]
+    legend = (f"<p><b>Weights</b>: {html.escape(label)}.</p>\n"
+              "<p>Colour: the weight the loss multiplies each response token's log-ratio by, per response from its\n"
+              f"lowest to its highest weight over {scope} (square-root scale): low {SCALE_BAR} high.\n"
+              "Template tokens are in italics. Hover a token for its id, raw attribution, prior and weight.</p>")
+    return page(title, legend, sections)

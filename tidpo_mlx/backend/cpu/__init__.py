@@ -4,13 +4,15 @@ What lives here, and why (every number in ``benchmarks/RESULTS.md``):
 
 - ``blas.py`` / ``allocator.py``: OpenBLAS preloaded before mlx (MLX's Linux
   wheel ships a reference BLAS) and glibc's malloc tuned for MLX's
-  allocator; run from ``tidpo_mlx/__init__.py``, no-ops elsewhere.
+  allocator; run by ``process.tune`` from ``tidpo_mlx.setup()`` (the
+  registry's ``tune_process``), no-ops elsewhere.
 - ``attention.py``: llama-style attention and SwiGLU as plain ops, swapped in
   as subclasses of the blocks' own classes (parameter names unchanged).
 - ``fastmath.py``: a fused polynomial ``exp`` for SiLU and the attention softmax.
 - ``prefix.py``: the shared-prefix layout, each pair's prompt run once.
-- ``forward.py``: :class:`~tidpo_mlx.backend.cpu.forward.CpuForward`, the
-  seam's implementation built from the pieces above, with its load-time checks.
+- ``runtime.py``: :class:`~tidpo_mlx.backend.cpu.runtime.CpuRuntime`, the
+  runtime built from the pieces above, with its load-time checks
+  (``build``, which the registry ``tidpo_mlx.backend`` calls).
 
 The compile contract
 --------------------
@@ -29,7 +31,7 @@ this backend keeps to that:
    rows apart (``objective.batch_logprobs``'s row groups), and a forward
    never re-slices the rows it is given.
 3. No nested ``mx.compile`` and no ``mx.custom_function`` in the forward
-   (either kept the step's compile from merging: 1.26-1.50 instead of 1.17).
+   (either keeps the step's compile from merging the two forwards).
 4. Masked scores use the finite :data:`prefix.MASKED` (``fastmath.exp``
    needs finite inputs), never ``-inf``.
 

@@ -1,13 +1,13 @@
 """glibc malloc tuned for MLX's CPU backend: freed buffers are reused, not returned to the kernel.
 
 MLX's CPU allocator takes every intermediate array from ``malloc``. glibc
-serves blocks above 128 KiB (a 4 x 64 x 1536 float32 activation is 1.5 MiB)
-with a fresh ``mmap`` and unmaps them on ``free``, so every op of every step
-page-faults its output in again: on the 2-core Linux machine of
-``benchmarks/RESULTS.md`` ~12 % of the compute thread's time was in the
-kernel clearing pages. Raising the mmap threshold to its 32 MiB maximum and
-keeping up to 1 GiB of freed heap lets those blocks be reused: a DPO step ran
-~15 % faster (1.60 vs 1.88 s, median of 3 alternating runs each).
+serves blocks above its mmap threshold (128 KiB by default, smaller than one
+activation of a training step) with a fresh ``mmap`` and unmaps them on
+``free``, so every op of every step page-faults its output in again and the
+kernel spends the compute thread's time clearing pages. Raising the mmap
+threshold to its 32 MiB maximum and keeping up to 1 GiB of freed heap lets
+those blocks be reused (the step-time gain is in ``benchmarks/RESULTS.md``).
+Run from ``tidpo_mlx.setup()`` (``backend.tune_process``).
 
 Linux with glibc only; ``TIDPO_MLX_NO_MALLOPT=1`` opts out.
 """

@@ -4,12 +4,12 @@ TI-DPO runs the policy forward twice on the same inputs: once inside
 ``mx.grad`` for the attribution and once for the loss. ``mx.compile`` merges
 the two (common subexpression elimination) only when every op and constant
 of the forward is the same in both. ``mx.fast.rope`` and
-``mx.fast.scaled_dot_product_attention(mask="causal")`` block that merge
-(measured: TI-DPO / DPO step time 1.46 instead of 1.23), so on the CPU the
-attention of llama-style blocks is computed here with plain ops whose
-constants (cos/sin tables, causal mask) are built once per length and shared.
-Softmax and SiLU use the polynomial ``exp`` of ``fastmath.py`` (4x MLX's
-CPU ``exp``). The rules these follow are the compile contract of
+``mx.fast.scaled_dot_product_attention(mask="causal")`` block that merge,
+so on the CPU the attention of llama-style blocks is computed here with
+plain ops whose constants (cos/sin tables, causal mask) are built once per
+length and shared. Softmax and SiLU use the polynomial ``exp`` of
+``fastmath.py`` (faster than MLX's CPU ``exp``; numbers in
+``benchmarks/RESULTS.md``). The rules these follow are the compile contract of
 ``backend/cpu/__init__.py``. On Metal the fused kernels stay. With a KV cache (generation) or any other
 mask the block's own implementation runs; the shared-prefix forward
 (``prefix.py``) passes :class:`PromptKV` / :class:`PrefixContext` as the cache.
@@ -154,7 +154,8 @@ def _eligible_mlp(mlp: nn.Module | None) -> bool:
 
 
 def use_plain_attention(model: nn.Module) -> int:
-    """Swap every eligible block's attention (and SwiGLU MLP) to the plain-op version; return how many blocks.
+    """Swap every eligible block's attention (and SwiGLU MLP) to the plain-op version; return how many blocks
+    run it (blocks swapped before count too).
 
     The swap changes only the class (a subclass overriding ``__call__``), so
     parameter names and adapter files are unchanged. The caller should check
@@ -163,7 +164,7 @@ def use_plain_attention(model: nn.Module) -> int:
     count = 0
     for layer in model.layers:
         attn = getattr(layer, "self_attn", None)
-        if attn is None or not _eligible(attn):
+        if attn is None or not (PLAIN_ATTENTION.applied(attn) or _eligible(attn)):
             continue
         PLAIN_ATTENTION.apply(attn)
         if _eligible_mlp(getattr(layer, "mlp", None)):

@@ -1,11 +1,13 @@
 """Fast BLAS for MLX's Linux CPU backend, loaded before the first ``import mlx``.
 
-MLX's Linux CPU wheel links a slow reference BLAS (about 6 GFLOP/s on a
-1024x1024 fp32 matmul). The PyPI wheel ``cmeel-openblas`` ships OpenBLAS;
-loaded into the global symbol scope (``RTLD_GLOBAL``) before MLX, its
-``cblas_sgemm`` wins symbol resolution and the same matmul runs at several
-hundred GFLOP/s. Loaded after MLX it does nothing, so this module must not
-import mlx and runs first in ``tidpo_mlx/__init__.py``.
+MLX's Linux CPU wheel links a slow reference BLAS. The PyPI wheel
+``cmeel-openblas`` ships OpenBLAS; loaded into the global symbol scope
+(``RTLD_GLOBAL``) before MLX, its ``cblas_sgemm`` wins symbol resolution and
+matmuls run many times faster (``tidpo-mlx doctor`` measures it; numbers in
+``benchmarks/RESULTS.md``). Loaded after MLX it does nothing, so this module
+must not import mlx and :func:`preload` runs from ``tidpo_mlx.setup()``
+(``backend.tune_process``), which the CLI, the benchmarks and the tests call
+before anything imports mlx.
 
 That OpenBLAS build needs ``libgfortran.so.5``. Where the system has none, the
 copy that ``mlx[cpu]`` (or numpy, or scipy) bundles is used: auditwheel
@@ -141,11 +143,11 @@ def preload() -> BlasStatus:
     elif os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
         STATUS = BlasStatus("disabled", f"{OPT_OUT_ENV} is set")
     elif "mlx.core" in sys.modules:
-        STATUS = BlasStatus("too late", "mlx was imported before tidpo_mlx")
+        STATUS = BlasStatus("too late", "mlx was imported before tidpo_mlx.setup()")
         warnings.warn(
-            "tidpo_mlx: mlx was imported before tidpo_mlx, so the fast OpenBLAS "
+            "tidpo_mlx: mlx was imported before tidpo_mlx.setup(), so the fast OpenBLAS "
             "could not be loaded and CPU matmuls run on MLX's slow reference BLAS. "
-            "Import tidpo_mlx first.",
+            "Call tidpo_mlx.setup() first, before anything imports mlx.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -1,23 +1,20 @@
 """``exp`` and the functions built on it, as fused polynomials for MLX's CPU backend.
 
-MLX's CPU ``exp`` (and ``sigmoid``, ``softmax``) runs at
-~60-70 M elements/s on the 2-core x86 machine this was measured on, while
-additions and multiplications run at 1.2-1.6 G/s; SiLU alone was ~30 % of a
+MLX's CPU ``exp`` (and ``sigmoid``, ``softmax``) runs far slower than its
+additions and multiplications, enough for SiLU to be a large share of a
 forward pass. Here ``exp(x) = 2^n * p(f)`` with ``n = round(x log2 e)`` and a
 degree-7 Taylor polynomial ``p`` of ``2^f`` on ``|f| <= 1/2``: a dozen
-multiply-adds that ``mx.compile`` fuses into one kernel (~290 M elements/s,
-relative error < 1e-6 against ``mx.exp``, 0 below about -88). Nothing here
-is compiled on its own: a nested ``mx.compile`` kept the step's compile from
-merging the attribution forward with the loss forward (TI-DPO / DPO 1.26
-instead of 1.17, measured side by side); eager callers (generation) run the
-dozen ops unfused, a few ms per decode step.
+multiply-adds that ``mx.compile`` fuses into one kernel (relative error
+< 1e-6 against ``mx.exp``, 0 below about -88; speeds in
+``benchmarks/RESULTS.md``). Nothing here is compiled on its own: a nested
+``mx.compile`` keeps the step's compile from merging the attribution forward
+with the loss forward; eager callers (generation) run the dozen ops unfused.
 
 Used by the CPU path's SiLU and attention softmax (``attention.py``);
 on Metal the fused kernels stay. The log-softmax over the vocabulary keeps
-``mx.logsumexp``: differentiating through the polynomial there kept
-vocabulary-sized intermediates (+0.22 GB peak for 4 x 24 response positions
-over SmolLM2's 49k tokens, 0.80 -> 1.03 GB for a DPO step), and a custom
-gradient did not bring it back down.
+``mx.logsumexp``: differentiating through the polynomial there keeps
+vocabulary-sized intermediates alive (a higher peak memory per step), and a
+custom gradient did not bring it back down.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Shared-prefix forward: each pair's prompt runs once for all of its rows.
 
 The chosen, rejected (and anchor) sequences of a pair share the prompt
-``x``; on the bundled data it is ~40 of ~57 tokens. In the shared layout (:func:`shared_layout`, derived from whole rows) the prompt minus its last token
+``x``, often most of each row's tokens. In the shared layout
+(:func:`shared_layout`, derived from whole rows) the prompt minus its last token
 runs once per pair (the *prompt pass*, recording every block's keys and
 values), and each row runs only its *chunk*: the prompt's last token
 followed by the response, attending over the recorded prompt keys and its
@@ -9,11 +10,11 @@ own (the *response pass*). Every logit a response token needs sits in the
 chunk, so per-token log-probs are those of the full sequence (up to float
 rounding of the shorter softmax sums).
 
-The gradient attribution ``I_i = ||d target / d E_i||_1`` (SPEC section 1)
+The gradient attribution ``I_i = ||d target / d E_i||_1`` (docs/method.md section 1)
 is needed at response positions only with ``weight_span: response``. A
 response embedding reaches only positions at or after it (causal model),
 so the attribution differentiates the response pass alone, with the prompt
-keys/values as constants: its backward covers the chunk (~18 tokens), not
+keys/values as constants: its backward covers the chunk, not
 the whole sequence. The loss differentiates both passes, so gradients reach
 the LoRA weights through the prompt positions exactly as before.
 (``weighting: random`` draws one number per position of a row, so it draws
