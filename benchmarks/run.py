@@ -60,7 +60,8 @@ from typing import Any, Iterator
 
 import tidpo_mlx
 
-tidpo_mlx.setup()  # the fast BLAS, before the first import of mlx (every variant measured here runs after it)
+if hasattr(tidpo_mlx, "setup"):  # older trees (compare_code.py) load the fast BLAS when tidpo_mlx is imported
+    tidpo_mlx.setup()  # the fast BLAS, before the first import of mlx (every variant measured here runs after it)
 
 from chat_data import chat_rows  # noqa: E402
 
@@ -191,12 +192,13 @@ def length_limits(target_tokens: float) -> dict[str, int]:
     return dict(max_length=longest + 512, max_prompt_length=longest)
 
 
-def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str, Any]:
+def prepare(work: Path, data: str, steps: int, target_tokens: float, shape: str | None = None) -> dict[str, Any]:
     """Pick the pairs, write the data folders our trainer reads, and record the batches it will see.
 
     The pairs are the data's closest to ``target_tokens`` per templated sequence; when those miss it
-    by more than 15 % on average (the bundled pairs are about 58 tokens), they are multi-turn chat
-    pairs of that length from ``chat_data.py`` instead. Returns the spec every worker reads: data
+    by more than 15 % on average (the bundled pairs are about 58 tokens), or when ``shape`` names a
+    ``chat_data.py`` preset (``chat``, ``real``), they are multi-turn chat pairs of that length and
+    shape from ``chat_data.py`` instead. Returns the spec every worker reads: data
     folders, the fused float32 HF model, and the token ids of each step's batch (prompt, chosen,
     rejected per pair) in our trainer's order.
     """
@@ -235,10 +237,10 @@ def prepare(work: Path, data: str, steps: int, target_tokens: float) -> dict[str
         mean = statistics.mean(seq_len(encoded[i]) for i in order[:n_pairs])
         return order if abs(mean - target_tokens) <= 0.15 * target_tokens else []
 
-    order = closest(rows)
+    order = [] if shape else closest(rows)
     if not order:
-        rows = chat_rows(max(400, 4 * n_pairs), int(target_tokens))
-        source = f"multi-turn chat pairs of about {target_tokens:.0f} tokens (benchmarks/chat_data.py)"
+        rows = chat_rows(max(400, 4 * n_pairs), int(target_tokens), shape=shape or "chat")
+        source = f"{shape or 'chat'}-shaped chat pairs of about {target_tokens:.0f} tokens (benchmarks/chat_data.py)"
         order = closest(rows)
     picked = sorted(order[:n_pairs])
     valid = order[n_pairs: n_pairs + BATCH]
@@ -878,7 +880,7 @@ def measure_length(args: argparse.Namespace, names: list[str], steps: int, token
     work = Path(tempfile.mkdtemp(prefix="tidpo-bench-"))
     load_start = load_avg()
     print(f"work folder {work}; {tokens:.0f} tokens per sequence; load {load_start}", file=sys.stderr)
-    spec = prepare(work, args.data, steps, tokens)
+    spec = prepare(work, args.data, steps, tokens, args.shape)
     spec.update(steps=steps, anchor_every=args.anchor_every, has_anchor_every=info["has_anchor_every"])
     if any(n in names for n in ("mlx_lm_lora", "trl", "mlx_lm_sft")):
         spec["fused"] = fused_float32(spec["model_path"], work / "fuse.log")
@@ -987,6 +989,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every measurement (interleaved)")
     parser.add_argument("--data", default="arith", help="data folder or bundled name (pairs are picked from train)")
     parser.add_argument("--tokens", type=float, default=53.0, help="target tokens per templated sequence")
+    parser.add_argument("--shape", choices=("chat", "real"), default=None,
+                        help="chat_data.py pairs of this shape instead of the data's (real: long prompts, short "
+                             "unequal responses, as public chat preference sets)")
     parser.add_argument("--lengths", default=None,
                         help="comma-separated targets (tokens per sequence): a length sweep, one run per length, "
                              "e.g. 58,180,512,1024 (replaces --tokens)")

@@ -342,3 +342,15 @@ def test_log_samples_appends_greedy_answers_and_resume_cuts_them(tiny_model, pai
     keep_samples(path, 5, notes.append)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 0, 5, 5]
     assert notes and "torn last line dropped" in notes[0]
+
+
+def test_answer_accuracy_of_adapters_on_held_out_prompts(tiny_model, pairs, tmp_path):
+    from tidpo_mlx.gen_eval import answer_accuracy
+
+    adapters = _adapters(tiny_model, tmp_path / "zero", random_b=False)
+    cfg = load_config(None, {"model": str(tiny_model), "dequantize": "false"})
+    tuned = answer_accuracy(cfg, str(adapters), str(pairs), max_tokens=6)
+    base = answer_accuracy(cfg, None, str(pairs), max_tokens=6)
+    assert tuned == base  # lora_b = 0: the adapters change nothing
+    assert tuned["answer_pairs"] == 5
+    assert 0 <= tuned["answer/correct"] <= 1 and "answer/correct_se" in tuned

@@ -39,17 +39,12 @@ TRIPLET = dict(gamma=1.0, triplet_margin=10.0)
 (at the margin of the paper preset it closes after one step and the triplet's gradient is 0)."""
 BATCHING = {"one": dict(batch_size=4), "accumulated": dict(batch_size=2, grad_accumulation_steps=2)}
 """Each optimizer step sees the 4 training pairs: one micro-batch of 4, or two of 2 accumulated."""
-SIMPO_COMPILE_BUG = pytest.mark.xfail(
-    raises=IndexError, strict=True,
-    reason="mx.compile of the simpo step fails (IndexError _Map_base::at): objective.batch_objective computes "
-           "avg_logp_chosen - avg_logp_rejected both inside simpo_loss and again for aux['weighted_margin']",
-)
 LOSS_CASES = [
     ("dpo", "none"), ("dpo", "hybrid"),
     ("ipo", "none"), ("ipo", "hybrid"),
     ("tdpo1", "none"), ("tdpo1", "hybrid"),
     ("tdpo2", "none"), ("tdpo2", "hybrid"),
-    pytest.param("simpo", "none", marks=SIMPO_COMPILE_BUG),
+    ("simpo", "none"),
 ]
 
 

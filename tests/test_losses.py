@@ -129,7 +129,7 @@ def test_weighted_sum_is_a_sum_not_a_mean():
 
 def test_ipo_and_simpo_hand_values():
     assert float(losses.ipo_loss(mx.array([3.0]), beta=0.5)[0]) == pytest.approx((3.0 - 1.0) ** 2)
-    got = float(losses.simpo_loss(mx.array([-1.0]), mx.array([-2.0]), beta=2.0, gamma=1.0)[0])
+    got = float(losses.simpo_loss(mx.array([-1.0]) - mx.array([-2.0]), beta=2.0, gamma=1.0)[0])
     assert got == pytest.approx(-float(np_log_sigmoid(np.array(2.0 * 1.0 - 1.0))), rel=1e-6)
 
 

@@ -20,7 +20,8 @@ from tidpo_mlx.errors import ConfigError
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_MONTH = r"(?:" + "|".join(sorted({m for name in MONTHS for m in (name, name[:3])} | {"Sept"}, key=len, reverse=True)) + r")"
+_MONTH_NAMES = {m for name in MONTHS for m in (name, name[:3])} | {"Sept"}
+_MONTH = r"(?:" + "|".join(sorted(_MONTH_NAMES, key=len, reverse=True)) + r")"
 _DAY = r"\d{1,2}(?:st|nd|rd|th)?"
 _NUMBER = r"(?<!\w)-?\d+(?:,\d{3})*(?:\.\d+)?"
 DEFAULT_PATTERN = (

@@ -18,6 +18,7 @@ from tidpo_mlx.errors import ConfigError
 from tidpo_mlx.files import write_jsonl
 from tidpo_mlx.options import METHOD_KEYS, config_options, run_guarded
 
+
 def _common(func: Callable) -> Callable:
     opts = [
         click.option("--model", default=None, help="Model (built-in name, HF id, folder, .gguf). [default: the recipe's]"),
@@ -57,8 +58,9 @@ GENERATION_FLAGS = ("num_samples", "temperature", "top_p", "max_tokens", "html_p
 
 @click.command()
 @_common
-@click.option("-o", "--output", default=None, help="Write one JSON object per pair here ('-': stdout, the summary then goes to stderr). "
-              "With --generate: rows are appended as batches finish, and a rerun continues the file.")
+@click.option("-o", "--output", default=None,
+              help="Write one JSON object per pair here ('-': stdout, the summary then goes to stderr). With "
+                   "--generate: rows are appended as batches finish, and a rerun continues the file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default=None,
               help="Split of a data folder or bundled dataset. [default: a file's every pair, else valid]")
@@ -67,7 +69,8 @@ GENERATION_FLAGS = ("num_samples", "temperature", "top_p", "max_tokens", "html_p
               "the adapters, and score them (docs/generation.md) instead of the loss. --batch-size: pairs per "
               "generation batch [default: 64].")
 @click.option("--num-samples", type=int, default=None, help="--generate: samples per prompt and arm. [default: 1]")
-@click.option("--temperature", type=float, default=None, help="--generate: sampling temperature (0: greedy). [default: 0]")
+@click.option("--temperature", type=float, default=None,
+              help="--generate: sampling temperature (0: greedy). [default: 0]")
 @click.option("--top-p", type=float, default=None, help="--generate: top-p of sampling. [default: 1.0]")
 @click.option("--max-tokens", type=int, default=None, help="--generate: new tokens per generation at most. [default: 64]")
 @click.option("--html", "html_path", default=None, help="--generate: write a side-by-side HTML page here.")

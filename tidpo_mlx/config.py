@@ -426,6 +426,8 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'anchor_top_p' must be in (0, 1], got {cfg.anchor_top_p}")
     if cfg.num_layers == 0 or cfg.num_layers < -1:
         raise ConfigError(f"{where}: 'num_layers' must be >= 1, or -1 for every block, got {cfg.num_layers}")
+    if cfg.sample_every < 0 or cfg.sample_prompts < 1:
+        raise ConfigError(f"{where}: 'sample_every' must be >= 0 and 'sample_prompts' >= 1")
     if cfg.save_total_limit < 1:
         raise ConfigError(f"{where}: 'save_total_limit' must be >= 1 (checkpoints kept), got {cfg.save_total_limit}")
     if cfg.clear_cache_threshold < 0:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tidpo_mlx.answers import AnswerKey, AnswerRule, answer_key, answer_rule
+from tidpo_mlx.answers import AnswerKey, AnswerRule, answer_key, answer_rule, answer_scores
 from tidpo_mlx.config import Config, Switch
 from tidpo_mlx.data import Example, PairEncoder, load_split
 from tidpo_mlx.errors import DataError, ModelError
@@ -162,8 +161,9 @@ def run_generate(cfg: Config, req: Request, echo: Callable[[str], None]) -> dict
     prompts = [generation_prompt(tokenizer, ex, gen_cfg, template) for ex in pairs.examples]
     keys = [answer_key(rule, ex.texts.get("chosen", ""), ex.texts.get("rejected", "")) if rule else None
             for ex in pairs.examples]
-    settings = {"model": str(path.resolve()), "adapter_path": str(Path(req.adapter_path).resolve()) if req.adapter_path else None,
-                "adapters_sha256": digest, "dequantize": dequantize, "data": pairs.name, "arms": arms,
+    adapters = str(Path(req.adapter_path).resolve()) if req.adapter_path else None
+    settings = {"model": str(path.resolve()), "adapter_path": adapters, "adapters_sha256": digest,
+                "dequantize": dequantize, "data": pairs.name, "arms": arms,
                 "answer_rule": rule.label if rule else None, **req.decoding.to_dict()}
     weights = ("dequantized to float32 (--dequantize true): faster on a CPU, not the weights mlx_lm.generate "
                "loads, so its output can differ" if dequantize else "as mlx_lm.generate loads them")
@@ -252,7 +252,8 @@ def show(rows: Sequence[dict[str, Any]], arms: Sequence[str], rule: AnswerRule |
              + (" (the base: without --adapter-path):" if len(arms) == 2 else ":"))
         echo(f"  {command[1]}")
         if not req.decoding.greedy:
-            echo("  (mlx_lm.generate draws from the same distribution with its own random stream, so its samples differ)")
+            echo("  (mlx_lm.generate draws from the same distribution with its own random stream, so its samples "
+                 "differ)")
     if req.html:
         notes = [f"data {source}; arms: {', '.join(arms)}; weights {weights}", _answer_notes(rule, keys)]
         page = html_page(rows, arms, "tidpo-mlx generations", notes, table)
@@ -262,3 +263,28 @@ def show(rows: Sequence[dict[str, Any]], arms: Sequence[str], rule: AnswerRule |
     if req.output and req.output != "-":
         echo(f"per-pair generations: {req.output}")
     return {name: {arm: s.to_dict() for arm, s in stats.items()} for name, stats in summary.items()}
+
+
+def answer_accuracy(cfg: Config, adapter_path: str | None, data: str, split: str | None = None,
+                    limit: int | None = None, max_tokens: int = 64) -> dict[str, float]:
+    """Greedy answer scores of the model with ``adapter_path`` on a split's prompts (the default answer rule,
+    the weights as ``cfg.dequantize`` says): the means over the scored pairs, their standard errors
+    (``<score>_se``) and ``answer_pairs``, the pairs scored (the others have equal or absent answers)."""
+    from tidpo_mlx.gen_scores import ANSWER_SCORES, mean_se
+    from tidpo_mlx.models import load_adapted
+
+    model, tokenizer, _, reference = load_adapted(cfg.model, adapter_path, cfg)
+    examples = load_split(data, tokenizer, cfg, split, limit).examples
+    rule = AnswerRule()
+    keys = [answer_key(rule, ex.texts.get("chosen", ""), ex.texts.get("rejected", "")) for ex in examples]
+    scored = [(ex, key) for ex, key in zip(examples, keys) if key.skip_reason is None]
+    prompts = [generation_prompt(tokenizer, ex, cfg) for ex, _ in scored]
+    arm = "tuned" if adapter_path is not None else "base"
+    tokens = generate_arms(model, tokenizer, [ex for ex, _ in scored], prompts, Decoding(max_tokens=max_tokens),
+                           [arm], reference.active)[arm] if scored else []
+    rows = [answer_scores([rule.extract(tokenizer.decode(t[0]))], key) for t, (_, key) in zip(tokens, scored)]
+    out: dict[str, float] = {"answer_pairs": float(len(rows))}
+    for name in ANSWER_SCORES:
+        stat = mean_se([r[name] for r in rows])
+        out[name], out[f"{name}_se"] = stat.mean, stat.se
+    return out

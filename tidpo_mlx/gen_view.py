@@ -75,7 +75,8 @@ def html_page(rows: Sequence[dict[str, Any]], arms: Sequence[str], title: str, n
             else:
                 body = f'<div class="gen"><pre>{html.escape(row[col])}</pre></div>'
             cells.append(f'<div class="col"><h3>{col}</h3>{body}</div>')
-        skipped = f' <small>answer scores: left out ({row["answer_skipped"]})</small>' if "answer_skipped" in row else ""
+        skipped = (f' <small>answer scores: left out ({row["answer_skipped"]})</small>'
+                   if "answer_skipped" in row else "")
         sections.append(
             f'<section><h2>#{row["index"]} <small>{html.escape(row.get("source", ""))}</small>{skipped}</h2>'
             f'<pre class="prompt">{html.escape(prompt_text(row["prompt"]))}</pre>'

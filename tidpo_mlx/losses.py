@@ -54,9 +54,14 @@ def tdpo_loss(
     return -nn.log_sigmoid(beta * (margin - alpha * (kl_rejected - kl_w)))
 
 
-def simpo_loss(avg_logp_chosen: mx.array, avg_logp_rejected: mx.array, beta: float, gamma: float) -> mx.array:
-    """SimPO (no reference): ``-log sigmoid(beta_s (avg logp_w - avg logp_l) - gamma_s)``."""
-    return -nn.log_sigmoid(beta * (avg_logp_chosen - avg_logp_rejected) - gamma)
+def simpo_loss(avg_logp_margin: mx.array, beta: float, gamma: float) -> mx.array:
+    """SimPO (no reference): ``-log sigmoid(beta_s (avg logp_w - avg logp_l) - gamma_s)``.
+
+    Takes the difference of per-token mean log-probs, computed once by the
+    caller (which also reports it): MLX's compile fails on a gradient whose
+    function returns the same difference computed a second time.
+    """
+    return -nn.log_sigmoid(beta * avg_logp_margin - gamma)
 
 
 def sequence_kl(policy_logprobs: mx.array, ref_logprobs: mx.array, mask: mx.array) -> mx.array:
@@ -99,16 +104,15 @@ class PairTerms:
 
     ``margin`` is ``m_w - m_l`` (weighted sums of rho), ``avg_margin`` the
     difference of weighted per-token means of rho, ``kl_*`` the sequential
-    KLs (tdpo only), ``avg_logp_*`` the per-token mean policy log-probs
-    (simpo only).
+    KLs (tdpo only), ``avg_logp_margin`` the difference of the per-token
+    mean policy log-probs (simpo only).
     """
 
     margin: mx.array | None = None
     avg_margin: mx.array | None = None
     kl_chosen: mx.array | None = None
     kl_rejected: mx.array | None = None
-    avg_logp_chosen: mx.array | None = None
-    avg_logp_rejected: mx.array | None = None
+    avg_logp_margin: mx.array | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ LOSSES: dict[str, LossSpec] = {
         lambda t, k: tdpo_loss(t.margin, t.kl_chosen, t.kl_rejected, k.beta, k.alpha, stop_chosen_kl=True), full_kl=True
     ),
     "simpo": LossSpec(
-        lambda t, k: simpo_loss(t.avg_logp_chosen, t.avg_logp_rejected, k.simpo_beta, k.simpo_gamma), reference=False
+        lambda t, k: simpo_loss(t.avg_logp_margin, k.simpo_beta, k.simpo_gamma), reference=False
     ),
 }
 """Every ``loss_type`` (docs/method.md sections 4 and 8); config validation derives what is allowed from it."""

@@ -174,11 +174,11 @@ def batch_objective(
             trip = losses.triplet_loss(rho[2 * b:], mask[2 * b:], rho_c, m_c, rho_r, m_r, cfg.triplet_margin)
     else:
         avg_lp = logp.sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1.0)
-        terms = losses.PairTerms(avg_logp_chosen=avg_lp[:b], avg_logp_rejected=avg_lp[b: 2 * b])
+        terms = losses.PairTerms(avg_logp_margin=avg_lp[:b] - avg_lp[b: 2 * b])
         pref = spec.loss(terms, cfg)
-        aux["reward_chosen"] = cfg.simpo_beta * terms.avg_logp_chosen
-        aux["reward_rejected"] = cfg.simpo_beta * terms.avg_logp_rejected
-        aux["weighted_margin"] = terms.avg_logp_chosen - terms.avg_logp_rejected
+        aux["reward_chosen"] = cfg.simpo_beta * avg_lp[:b]
+        aux["reward_rejected"] = cfg.simpo_beta * avg_lp[b: 2 * b]
+        aux["weighted_margin"] = terms.avg_logp_margin
     per_pair = pref + cfg.gamma * trip
     sums = logp.sum(axis=-1)
     aux.update(

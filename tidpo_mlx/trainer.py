@@ -37,7 +37,7 @@ from tidpo_mlx.data import Dataset, Example, PairEncoder, load_dataset
 from tidpo_mlx.errors import TrainingError
 from tidpo_mlx.evaluation import HeldOut, pad_id_of
 from tidpo_mlx.files import FileLock, atomic_write_text
-from tidpo_mlx import memory, memory_guard, reporting
+from tidpo_mlx import memory, memory_guard, reporting, samples
 from tidpo_mlx.interrupts import Interrupted, StopRequest, Stopped, check
 from tidpo_mlx.metrics import MemoryReadings, MetricsLog, all_finite, pair_metrics
 from tidpo_mlx.models import (
@@ -272,6 +272,8 @@ def _load(cfg: Config, world: Any, out: Path, lock: FileLock | None, reporters: 
         sinks = reporting.open_sinks(reporters, out, cfg.project_name, cfg.to_dict(), start, log)
         metrics = MetricsLog(out / "metrics.jsonl", keep_until=start if resume is not None else None, log=log,
                              sinks=sinks)
+        if cfg.sample_every:
+            samples.keep_samples(out / samples.FILE, start if resume is not None else None, log)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     resumed = f" (from {ckpt.path})" if ckpt is not None else ""
     log(f"trainable: {n_train / 1e6:.3f} M parameters ({cfg.fine_tune_type}); start at step {start} of {cfg.iters}{resumed}")
@@ -390,6 +392,8 @@ def _train(run: Run, stop: StopRequest, progress: bool,
     bar = _progress(cfg.iters, run.start, progress and run.lead)
     try:
         before = _held_out(run, held_out, 0, "before") if run.start == 0 else None
+        if run.start == 0:
+            _samples(run, 0)
         grad_step, apply_step = compile_steps(run.rt, cfg, run.opt)
         micro_batches = run.batches(run.start * cfg.grad_accumulation_steps)
         anchors = AnchorSource(model, run.tokenizer, run.encoder, cfg, run.upcoming)
@@ -403,6 +407,8 @@ def _train(run: Run, stop: StopRequest, progress: bool,
                 _report(run, bar, step, record, on_step)
                 if cfg.steps_per_eval and step % cfg.steps_per_eval == 0 and step != cfg.iters:
                     _held_out(run, held_out, step, f"step {step}")
+                if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.iters):
+                    _samples(run, step)
                 if (cfg.steps_per_save and step % cfg.steps_per_save == 0) or step == cfg.iters:
                     run.save(step)
                     saved = step
@@ -435,6 +441,14 @@ def train_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(training)
+
+
+def _samples(run: Run, step: int) -> None:
+    """The policy's greedy answers to the first ``sample_prompts`` held-out prompts into ``samples.jsonl`` (rank 0,
+    ``sample_every`` set)."""
+    if run.lead and run.cfg.sample_every:
+        samples.log_samples(run.rt.model, run.tokenizer, run.data.valid[:run.cfg.sample_prompts], run.cfg, step,
+                            run.out / samples.FILE)
 
 
 def _held_out(run: Run, held_out: HeldOut, step: int, when: str) -> dict[str, float] | None:
