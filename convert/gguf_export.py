@@ -20,7 +20,6 @@ half-written ``.gguf`` is ever left.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 
 from tidpo_mlx.convert.gguf_families import check, gguf_tensors, permuted_heads, permute, tensor_namer, write_hyperparameters
 from tidpo_mlx.errors import ConvertError, MissingFileError, ModelError
-from tidpo_mlx.files import WriteError, fsync_dir
+from tidpo_mlx.files import WriteError, atomic_write
 
 OUTTYPES = ("f16", "q8_0", "q4_0")
 FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2}  # gguf.LlamaFileType MOSTLY_*
@@ -49,25 +48,14 @@ def check_output(out_file: Path, overwrite: bool) -> Path:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary name beside ``path``, then rename; the temporary file never outlives a failure."""
+    """``write(tmp)`` to a temporary name beside ``path``, then rename (``files.atomic_write``); the temporary
+    file never outlives a failure."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise WriteError(f"{path}: cannot create its folder ({err.strerror or err})") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: could not write ({err.strerror or err}); nothing was left behind") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, write)
 
 
 def _adapter_settings(adapter_path) -> dict:

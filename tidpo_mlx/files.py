@@ -101,6 +101,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = N
         full = no_space(err, path.parent, size)
         reason = space_note(path.parent, size) if full else err.strerror or err
         raise WriteError(f"{path}: could not write ({reason}); the previous file is unchanged", full, path) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
 
 
